@@ -1,0 +1,42 @@
+"""learner: a small, callback-based training loop for PyTorch."""
+
+from learner.callbacks import (
+    DeviceCB,
+    MetricsCB,
+    ProgressCB,
+    RecorderCB,
+    TrainEvalCB,
+    accuracy,
+    default_device,
+    to_device,
+)
+from learner.core import (
+    EVENTS,
+    Callback,
+    CancelBatchException,
+    CancelEpochException,
+    CancelFitException,
+    CancelTrainException,
+    CancelValidateException,
+    Learner,
+)
+
+__all__ = [
+    "EVENTS",
+    "Callback",
+    "CancelBatchException",
+    "CancelEpochException",
+    "CancelFitException",
+    "CancelTrainException",
+    "CancelValidateException",
+    "DeviceCB",
+    "Learner",
+    "MetricsCB",
+    "ProgressCB",
+    "RecorderCB",
+    "TrainEvalCB",
+    "accuracy",
+    "default_device",
+    "to_device",
+]
+__version__ = "0.1.0"

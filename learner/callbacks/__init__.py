@@ -1,0 +1,37 @@
+"""The standard callbacks: one small module each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from learner.callbacks.device import DeviceCB, default_device, to_device
+from learner.callbacks.metrics import MetricsCB, accuracy
+from learner.callbacks.progress import ProgressCB
+from learner.callbacks.recorder import RecorderCB
+from learner.callbacks.train_eval import TrainEvalCB
+from learner.core import Callback
+
+__all__ = [
+    "DeviceCB",
+    "MetricsCB",
+    "ProgressCB",
+    "RecorderCB",
+    "TrainEvalCB",
+    "accuracy",
+    "default_callbacks",
+    "default_device",
+    "to_device",
+]
+
+
+def default_callbacks(metrics: Any = None) -> list[Callback]:
+    """The callbacks `Learner(default_cbs=True)` adds; `metrics` as in `Learner(metrics=...)`."""
+    if metrics is None:
+        metrics_cb = MetricsCB()
+    elif isinstance(metrics, dict):
+        metrics_cb = MetricsCB(**metrics)
+    elif isinstance(metrics, (list, tuple)):
+        metrics_cb = MetricsCB(*metrics)
+    else:
+        metrics_cb = MetricsCB(metrics)
+    return [TrainEvalCB(), DeviceCB(), metrics_cb, RecorderCB(), ProgressCB()]

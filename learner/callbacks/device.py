@@ -1,0 +1,71 @@
+"""Moving the model and each batch to a device."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from learner.core import Callback, Learner
+
+__all__ = ["DeviceCB", "default_device", "to_device"]
+
+
+def default_device() -> torch.device:
+    """The best device available: cuda, then mps, then cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Move every tensor in `obj` to `device`, through tuples, lists, dicts, namedtuples and
+    dataclasses; other leaves are returned as they are.
+
+    Example:
+        >>> to_device({"x": torch.ones(2), "n": 3}, "cpu")
+        {'x': tensor([1., 1.]), 'n': 3}
+    """
+    device = torch.device(device)
+    if isinstance(obj, torch.Tensor):
+        # Host-to-device copies may overlap with compute; device-to-host ones must not (the host
+        # would read memory before the copy lands).
+        return obj.to(device, non_blocking=device.type == "cuda" and obj.device.type == "cpu")
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(to_device(o, device) for o in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, to_device(v, device)) for k, v in obj.items())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = {f.name: to_device(getattr(obj, f.name), device)
+                  for f in dataclasses.fields(obj) if f.init}  # fmt: skip
+        return dataclasses.replace(obj, **fields)
+    return obj
+
+
+class DeviceCB(Callback):
+    """Moves the model to `device` at `before_fit` and each batch at `before_batch`.
+
+    Events: `before_fit`, `before_batch`. Order: -20 (before callbacks that read the batch).
+
+    Args:
+        device: where to train; `None` picks cuda, then mps, then cpu.
+
+    Example:
+        >>> learn = Learner(model, dls, F.cross_entropy, cbs=[DeviceCB("cpu")])
+    """
+
+    order = -20
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+
+    def before_fit(self, learn: Learner) -> None:
+        learn.model.to(self.device)
+
+    def before_batch(self, learn: Learner) -> None:
+        learn.batch = to_device(learn.batch, self.device)

@@ -1,0 +1,165 @@
+"""Batch-size-weighted losses and metrics, accumulated on the device."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+
+from learner.core import Callback, Learner, _snake
+
+__all__ = ["MetricsCB", "accuracy"]
+
+
+def accuracy(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows of `preds` whose argmax equals `targets` (a batch mean).
+
+    Example:
+        >>> accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
+        tensor(0.5000)
+    """
+    return (preds.argmax(dim=-1) == targets).float().mean()
+
+
+def _is_stateful(metric: Any) -> bool:
+    return all(callable(getattr(metric, a, None)) for a in ("update", "compute", "reset"))
+
+
+def _metric_name(metric: Any) -> str:
+    if isinstance(metric, functools.partial):
+        metric = metric.func
+    name = getattr(metric, "__name__", None)
+    return name if isinstance(name, str) else _snake(type(metric).__name__)
+
+
+def _batch_size(batch: Any) -> int:
+    targets = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else batch[0]
+    return int(targets.shape[0]) if isinstance(targets, torch.Tensor) else len(targets)
+
+
+def _to_python(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    return value
+
+
+class MetricsCB(Callback):
+    """Tracks the loss and metrics of each phase, weighted by the number of samples per batch.
+
+    The value of a phase equals the value computed on the whole dataset at once, whatever the
+    batch sizes (a ragged last batch counts for what it holds). Sums accumulate on the device and
+    are read once per phase, so training never waits on the host.
+
+    A metric is either a function `f(preds, targets) -> batch mean`, or an object with
+    `update(preds, targets)`, `compute()` and `reset()` (torcheval and torchmetrics metrics work as
+    given; they are moved to the model's device). The loss is tracked in both phases; metrics are
+    computed on the validation phase, or on the training phase when `fit` runs no validation.
+
+    After each phase, `values["train"]` or `values["valid"]` holds plain Python numbers, and
+    `epoch_summary()` the epoch's row: `train_loss`, `valid_loss` and each metric.
+
+    Events: `before_fit`, `before_epoch`, `before_train`, `before_validate`, `after_batch`,
+    `after_train`, `after_validate`. Order: -10.
+
+    Example:
+        >>> from torcheval.metrics import MulticlassAccuracy
+        >>> cbs = [MetricsCB(accuracy, top1=MulticlassAccuracy())]
+        >>> Learner(model, dls, F.cross_entropy, cbs=cbs).fit(1)
+    """
+
+    order = -10
+
+    def __init__(self, *metrics: Any, **named_metrics: Any) -> None:
+        self.metrics: dict[str, Any] = {}
+        for m in [*((_metric_name(m), m) for m in metrics), *named_metrics.items()]:
+            name, metric = m
+            if not (_is_stateful(metric) or callable(metric)):
+                raise TypeError(
+                    f"metric {name!r} must be a function f(preds, targets) or an object with "
+                    f"update/compute/reset, got {type(metric).__name__}."
+                )
+            if name == "loss" or name in self.metrics:
+                raise ValueError(f"metric name {name!r} is taken; pass it by keyword with "
+                                 "another name, e.g. MetricsCB(acc2=...).")  # fmt: skip
+            self.metrics[name] = metric
+        self.values: dict[str, dict[str, Any]] = {}
+
+    def before_fit(self, learn: Learner) -> None:
+        valid = getattr(learn.dls, "valid", None)
+        self.metrics_on_train = not (learn.run_valid and valid is not None)
+        param = next(learn.model.parameters(), None)
+        self.device = param.device if param is not None else torch.device("cpu")
+        for m in self.metrics.values():
+            if _is_stateful(m) and callable(getattr(m, "to", None)):
+                m.to(self.device)
+
+    def before_epoch(self, learn: Learner) -> None:
+        self.values = {}
+
+    def before_train(self, learn: Learner) -> None:
+        self._reset(with_metrics=self.metrics_on_train)
+
+    def before_validate(self, learn: Learner) -> None:
+        self._reset(with_metrics=True)
+
+    def _reset(self, with_metrics: bool) -> None:
+        self.with_metrics, self.count = with_metrics, 0
+        self.sums: dict[str, torch.Tensor] = {}
+        if with_metrics:
+            for m in self.metrics.values():
+                if _is_stateful(m):
+                    m.reset()
+
+    def _add(self, name: str, value: Any, n: int) -> None:
+        value = torch.as_tensor(value).detach()
+        total = self.sums.get(name)
+        if total is None:
+            # float64 sums keep the epoch value exact to ~1e-12 over millions of samples; mps has
+            # no float64.
+            dtype = torch.float32 if value.device.type == "mps" else torch.float64
+            self.sums[name] = value.to(dtype) * n
+        else:
+            total.add_(value, alpha=n)
+
+    def after_batch(self, learn: Learner) -> None:
+        n = _batch_size(learn.batch)
+        self.count += n
+        self._add("loss", learn.loss, n)
+        if not self.with_metrics:
+            return
+        preds, targets = learn.preds.detach(), learn.batch[1]
+        for name, m in self.metrics.items():
+            if _is_stateful(m):
+                m.update(preds, targets)
+            else:
+                self._add(name, m(preds, targets), n)
+
+    def _compute(self) -> dict[str, Any]:
+        names = ["loss", *self.metrics] if self.with_metrics else ["loss"]
+        if self.count == 0:
+            return dict.fromkeys(names, math.nan)
+        # One host read for all the sums: stack them, then a single .tolist().
+        means = torch.stack(list(self.sums.values())).div_(self.count).tolist()
+        sums: dict[str, Any] = dict(zip(self.sums, means))
+        if self.with_metrics:
+            for name, m in self.metrics.items():
+                if _is_stateful(m):
+                    sums[name] = _to_python(m.compute())
+        return sums
+
+    def after_train(self, learn: Learner) -> None:
+        self.values["train"] = self._compute()
+
+    def after_validate(self, learn: Learner) -> None:
+        self.values["valid"] = self._compute()
+
+    def epoch_summary(self) -> dict[str, Any]:
+        """The epoch so far as one row: `train_loss`, `valid_loss` (None if not run), metrics."""
+        train, valid = self.values.get("train", {}), self.values.get("valid", {})
+        row = {"train_loss": train.get("loss"), "valid_loss": valid.get("loss")}
+        source = train if self.metrics_on_train else valid
+        row.update({name: source.get(name) for name in self.metrics})
+        return row
+

@@ -1,0 +1,140 @@
+"""Progress bars and a results table, in notebooks and terminals, quiet in log files."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from fastprogress import fastprogress as fp
+from fastprogress.core import format_time
+
+from learner.core import Callback, Learner
+
+__all__ = ["ProgressCB"]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.6f}" if isinstance(value, float) else str(value)
+
+
+class ProgressCB(Callback):
+    """fastprogress bars over epochs and batches, and a table row per epoch.
+
+    In a notebook: HTML bars, the table, and with `plot=True` a live graph of the training and
+    validation loss. In a terminal: one updating line with the running loss. When output is not a
+    terminal (a log file, CI): no bars and no carriage returns, just the table, one line per epoch.
+    The running loss is read from the device only when the bar redraws (at most every
+    `update_every` seconds), so it does not slow training down.
+
+    Events: `before_fit`, `before_train`, `before_validate`, `after_batch`, `after_epoch`,
+    `cleanup_fit`. Order: 50 (after the callbacks that compute what it shows).
+
+    Example:
+        >>> learn.fit(3, cbs=[ProgressCB(plot=True)])
+    """
+
+    order = 50
+
+    def __init__(self, plot: bool = False, update_every: float = 0.2) -> None:
+        self.plot, self.update_every = plot, update_every
+        # cleanup_fit may run without before_fit (an earlier callback raised there).
+        self.pbar: Any = None
+        self.mbar: Any = None
+        self.bars = self.in_notebook = False
+
+    def before_fit(self, learn: Learner) -> None:
+        self.in_notebook = bool(fp.IN_NOTEBOOK)
+        self.bars = self.in_notebook or sys.stdout.isatty()
+        self.header_written, self.pbar, self.mbar = False, None, None
+        if self.bars:
+            mbar_cls = fp.NBMasterBar if self.in_notebook else fp.ConsoleMasterBar
+            self.mbar = mbar_cls(range(learn.n_epochs))
+            self.mbar.main_bar.update_every = self.update_every
+            self.mbar.update(0)
+        self.graph_x: list[int] = []
+        self.graph_valid: list[tuple[int, float]] = []
+
+    def before_epoch(self, learn: Learner) -> None:
+        self.epoch_start = time.time()
+
+    def _start_bar(self, learn: Learner) -> None:
+        if not self.bars:
+            return
+        total = len(learn.dl) if hasattr(learn.dl, "__len__") else "noinfer"  # type: ignore[arg-type]
+        pbar_cls = fp.NBProgressBar if self.in_notebook else fp.ConsoleProgressBar
+        self.pbar = pbar_cls(range(0), total=total, parent=self.mbar)
+        self.pbar.update_every = self.update_every
+        self.pbar.update(0)
+
+    def before_train(self, learn: Learner) -> None:
+        self._start_bar(learn)
+
+    def before_validate(self, learn: Learner) -> None:
+        self._start_bar(learn)
+
+    def after_batch(self, learn: Learner) -> None:
+        pbar = self.pbar
+        if pbar is None:
+            return
+        val = learn.iter + 1
+        # Mirror fastprogress' own throttle, so the loss is read only when the bar redraws.
+        if pbar.last_v is not None and (
+            val <= pbar.first_its or val >= pbar.last_v + pbar.wait_for
+            or (pbar.total and val >= pbar.total)
+        ):  # fmt: skip
+            if learn.training and learn.loss is not None:
+                pbar.comment = f"loss {learn.loss.item():.4f}"
+            if self.plot and self.in_notebook and learn.training:
+                self._update_graph(learn)
+        pbar.update(val)
+
+    def _update_graph(self, learn: Learner) -> None:
+        recorder = getattr(learn, "recorder", None)
+        if recorder is None:
+            return
+        losses = recorder.losses
+        graphs: list[Any] = [[list(range(len(losses))), losses]]
+        if self.graph_valid:
+            graphs.append([list(v) for v in zip(*self.graph_valid)])
+        self.mbar.update_graph(graphs)
+
+    def after_epoch(self, learn: Learner) -> None:
+        metrics = getattr(learn, "metrics", None)
+        summary = metrics.epoch_summary() if hasattr(metrics, "epoch_summary") else {}
+        row = {"epoch": learn.epoch, **summary, "time": format_time(time.time() - self.epoch_start)}
+        if not learn.run_train:
+            row.pop("train_loss", None)
+        if row.get("valid_loss") is None and "valid_loss" in row:
+            row.pop("valid_loss")
+        self._write(row)
+        if self.mbar is not None:
+            if self.plot and self.in_notebook:
+                recorder = getattr(learn, "recorder", None)
+                if recorder is not None and summary.get("valid_loss") is not None:
+                    self.graph_valid.append((len(recorder.losses), summary["valid_loss"]))
+                self._update_graph(learn)
+            self.mbar.update(learn.epoch + 1)
+        self.pbar = None
+
+    def _write(self, row: dict[str, Any]) -> None:
+        if not self.header_written:
+            self.names = list(row)
+            self._line(self.names, header=True)
+            self.header_written = True
+        self._line([_fmt(row.get(n)) for n in self.names])
+
+    def _line(self, cells: list[str], header: bool = False) -> None:
+        if self.mbar is not None:
+            self.mbar.write(cells, table=True)
+        else:
+            widths = [max(len(n), 10) for n in self.names]
+            print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip(), flush=True)
+
+    def cleanup_fit(self, learn: Learner) -> None:
+        # An interrupted console bar leaves the cursor mid-line; end it so later output is clean.
+        if self.pbar is not None and not self.in_notebook and self.bars:
+            print(flush=True)
+        self.pbar = self.mbar = None

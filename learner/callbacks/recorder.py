@@ -1,0 +1,141 @@
+"""Recording losses, learning rates and per-epoch results, and plotting them."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+
+from learner.core import Callback, Learner
+
+__all__ = ["RecorderCB"]
+
+
+def _new_figure(n_axes: int = 1, width: float = 6.0) -> tuple[Figure, list[Any]]:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, n_axes, figsize=(width * n_axes, 4), squeeze=False)
+    # Closed figures are not auto-shown again at the end of a notebook cell (the returned
+    # Figure is displayed once), and scripts that make many plots do not pile them up.
+    plt.close(fig)
+    return fig, list(axes[0])
+
+
+def smooth(values: list[float], beta: float = 0.98) -> list[float]:
+    """Exponential moving average with bias correction (as in fastai's Recorder)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**i))
+    return out
+
+
+class RecorderCB(Callback):
+    """Records the loss and learning rate of every training batch and one row per epoch.
+
+    - `losses`: training loss of every batch (Python floats; read from the device once per epoch).
+    - `lrs`: learning rate of the first parameter group at every training batch.
+    - `history`: one dict per epoch: `epoch`, `train_loss`, `valid_loss` and each metric (from
+      `MetricsCB`; `None` for a phase that did not run).
+
+    Records accumulate across `fit` calls (a second fit continues the curves); `reset()` clears
+    them. Plots return a matplotlib Figure: save it in a script, or let a notebook show it.
+
+    Events: `before_train`, `after_batch`, `after_train`, `after_epoch`. Order: -5 (after
+    MetricsCB, before callbacks that read the history).
+
+    Example:
+        >>> learn.fit(3)
+        >>> learn.recorder.history[-1]["valid_loss"]
+        >>> learn.recorder.plot_loss().savefig("loss.png")
+    """
+
+    order = -5
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything recorded."""
+        self._losses: list[float] = []
+        self._pending: list[torch.Tensor] = []
+        self.lrs: list[float] = []
+        self.history: list[dict[str, Any]] = []
+        self.epoch_iters: list[int] = []  # number of training batches recorded at each epoch end
+
+    @property
+    def losses(self) -> list[float]:
+        """Training loss of every batch recorded so far."""
+        self._flush()
+        return self._losses
+
+    def _flush(self) -> None:
+        if self._pending:
+            # One device-to-host read for the whole epoch instead of one per batch.
+            self._losses.extend(torch.stack(self._pending).float().cpu().tolist())
+            self._pending = []
+
+    def after_batch(self, learn: Learner) -> None:
+        if not learn.training:
+            return
+        assert learn.loss is not None and learn.opt is not None
+        self._pending.append(learn.loss.detach())
+        self.lrs.append(learn.opt.param_groups[0]["lr"])
+
+    def after_train(self, learn: Learner) -> None:
+        self._flush()
+
+    def after_epoch(self, learn: Learner) -> None:
+        self._flush()
+        metrics = getattr(learn, "metrics", None)
+        summary = metrics.epoch_summary() if hasattr(metrics, "epoch_summary") else {}
+        self.history.append({"epoch": len(self.history), **summary})
+        self.epoch_iters.append(len(self._losses))
+
+    # -- plots ----------------------------------------------------------------------------------
+
+    def plot_loss(self, skip_start: int = 5, with_valid: bool = True) -> Figure:
+        """Smoothed training loss per batch, and validation loss at each epoch's end.
+
+        Args:
+            skip_start: batches to leave out at the start (the first losses dwarf the rest).
+            with_valid: also plot the validation loss.
+        """
+        fig, (ax,) = _new_figure()
+        losses = smooth(self.losses)
+        ax.plot(range(skip_start, len(losses)), losses[skip_start:], label="train")
+        valid = [(i, h["valid_loss"]) for i, h in zip(self.epoch_iters, self.history)
+                 if h.get("valid_loss") is not None]  # fmt: skip
+        if with_valid and valid:
+            ax.plot(*zip(*valid), marker="o", label="valid")
+        ax.set(xlabel="batch", ylabel="loss")
+        ax.legend()
+        return fig
+
+    def plot_lr(self) -> Figure:
+        """Learning rate at every training batch."""
+        fig, (ax,) = _new_figure()
+        ax.plot(self.lrs)
+        ax.set(xlabel="batch", ylabel="learning rate")
+        return fig
+
+    def plot_metrics(self) -> Figure:
+        """Every value of `history` per epoch: the losses together, each metric on its own."""
+        keys = [k for k in (self.history[0] if self.history else {}) if k != "epoch"]
+        metric_keys = [k for k in keys if k not in ("train_loss", "valid_loss")]
+        fig, axes = _new_figure(1 + len(metric_keys), width=5.0)
+        epochs = [h["epoch"] for h in self.history]
+        for ax, names in zip(axes, [["train_loss", "valid_loss"], *[[k] for k in metric_keys]]):
+            for name in names:
+                ys = [_num(h.get(name)) for h in self.history]
+                if not all(math.isnan(y) for y in ys):
+                    ax.plot(epochs, ys, marker="o", label=name)
+            ax.set(xlabel="epoch", title=names[0] if len(names) == 1 else "loss")
+            ax.legend()
+        return fig
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else math.nan

@@ -1,0 +1,413 @@
+"""The Learner: a training loop that fires events to callbacks.
+
+Read top to bottom: the cancel exceptions, the event list, `Callback`, then `Learner`
+(`fit` -> epoch -> train/validate -> batch).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "EVENTS",
+    "Callback",
+    "CancelBatchException",
+    "CancelEpochException",
+    "CancelFitException",
+    "CancelTrainException",
+    "CancelValidateException",
+    "Learner",
+]
+
+
+class CancelFitException(Exception):
+    """Raise from a callback to end `fit` quietly (`after_fit` is skipped, `cleanup_fit` runs)."""
+
+
+class CancelEpochException(Exception):
+    """Raise from a callback to end the current epoch quietly and go on with the next."""
+
+
+class CancelTrainException(Exception):
+    """Raise from a callback to end the current training phase quietly (validation still runs)."""
+
+
+class CancelValidateException(Exception):
+    """Raise from a callback to end the current validation phase quietly."""
+
+
+class CancelBatchException(Exception):
+    """Raise from a callback to skip the rest of the current batch (nothing is recorded for it)."""
+
+
+_CANCELS = (
+    CancelFitException,
+    CancelEpochException,
+    CancelTrainException,
+    CancelValidateException,
+    CancelBatchException,
+)
+
+# Every event a callback may implement, in the order they first fire. A callback method that looks
+# like an event but is not in this tuple is a typo, and rejected when the callback is added.
+EVENTS = (
+    "before_fit",
+    "before_epoch",
+    "before_train",
+    "before_batch",
+    "after_predict",
+    "after_loss",
+    "after_backward",
+    "after_step",
+    "after_batch",
+    "cleanup_batch",
+    "after_train",
+    "cleanup_train",
+    "before_validate",
+    "after_validate",
+    "cleanup_validate",
+    "after_epoch",
+    "cleanup_epoch",
+    "after_fit",
+    "cleanup_fit",
+)
+_EVENT_LIKE = re.compile(r"^(before|after|cleanup)_")
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+class Callback:
+    """Base class for callbacks: implement any of `EVENTS` as `def event(self, learn): ...`.
+
+    Callbacks run sorted by `order` (lower first; ties keep insertion order). A callback is reachable
+    as `learn.<name>`, its class name in snake case without the `CB` suffix.
+
+    Example:
+        >>> class PrintLossCB(Callback):
+        ...     order = 10
+        ...     def after_batch(self, learn):
+        ...         if learn.iter % 100 == 0:
+        ...             print(learn.loss.item())
+    """
+
+    order: int = 0
+
+    @property
+    def name(self) -> str:
+        """Attribute name on the Learner: `RecorderCB` -> `recorder`."""
+        cls = type(self).__name__
+        return _snake(cls[:-2] if cls.endswith("CB") and len(cls) > 2 else cls)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(order={self.order})"
+
+
+def _check_events(cb: Callback) -> None:
+    for attr in dir(type(cb)):
+        if attr.startswith("_") or attr in EVENTS:
+            continue
+        close = difflib.get_close_matches(attr, EVENTS, n=1, cutoff=0.85)
+        if _EVENT_LIKE.match(attr) or close:
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"{type(cb).__name__}.{attr} looks like an event but is not one.{hint} "
+                f"Events are: {', '.join(EVENTS)}."
+            )
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"Tensor(shape={tuple(obj.shape)}, dtype={obj.dtype}, device={obj.device})"
+    if isinstance(obj, (list, tuple)):
+        return f"{type(obj).__name__}[{', '.join(_describe(o) for o in obj)}]"
+    return type(obj).__name__
+
+
+def _add_note_once(e: BaseException, note: str) -> None:
+    # An exception travels through nested event calls; name only the innermost callback.
+    if not any(n.startswith("Raised in ") for n in getattr(e, "__notes__", ())):
+        e.add_note(note)
+
+
+def _check_lr(lr: Any) -> None:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"lr must be a positive number, got {lr!r}.")
+
+
+def _check_dls(dls: Any) -> None:
+    train = getattr(dls, "train", None)
+    if train is None:
+        raise TypeError(
+            f"dls must have a .train loader (and optionally .valid), got {type(dls).__name__}. "
+            "Wrap your loaders: DataLoaders(train_dl, valid_dl)."
+        )
+    for name in ("train", "valid"):
+        dl = getattr(dls, name, None)
+        if dl is not None and not isinstance(dl, Iterable):
+            raise TypeError(f"dls.{name} must be an iterable of batches, "
+                            f"got {type(dl).__name__}.")  # fmt: skip
+
+
+def _check_not_empty(dl: Any, name: str) -> None:
+    if hasattr(dl, "__len__") and len(dl) == 0:
+        raise ValueError(f"{name} is empty (len 0): check its dataset size, batch size and "
+                         "drop_last.")  # fmt: skip
+
+
+class Learner:
+    """Bundles a model, data loaders, a loss function and an optimizer, and trains with `fit`.
+
+    Args:
+        model: the `nn.Module` to train.
+        dls: an object with `.train` (and optionally `.valid`) iterables of `(x, y)` batches,
+            such as `learner.DataLoaders`.
+        loss_func: `loss_func(preds, targets)` returning the mean loss of a batch.
+        lr: learning rate for the optimizer created on the first `fit`.
+        cbs: callbacks to add (a user callback of a default callback's class replaces it).
+        opt_func: optimizer factory, called as `opt_func(model.parameters(), lr=lr)`.
+        metrics: handed to the default `MetricsCB`: one metric, a list, or a dict name -> metric.
+        default_cbs: add `TrainEvalCB, DeviceCB, MetricsCB, RecorderCB, ProgressCB`.
+
+    Example:
+        >>> learn = Learner(model, dls, F.cross_entropy, lr=0.1, opt_func=torch.optim.SGD,
+        ...                 metrics=accuracy)
+        >>> learn.fit(5)
+        >>> learn.recorder.history[-1]["accuracy"]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dls: Any,
+        loss_func: Callable[..., torch.Tensor],
+        lr: float = 1e-3,
+        cbs: Iterable[Callback] | None = None,
+        opt_func: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
+        metrics: Any = None,
+        default_cbs: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        _check_dls(dls)
+        _check_lr(lr)
+        if not callable(loss_func):
+            raise TypeError(f"loss_func must be callable, got {type(loss_func).__name__}.")
+        self.model, self.dls, self.loss_func, self.lr, self.opt_func = (
+            model, dls, loss_func, lr, opt_func,
+        )  # fmt: skip
+        self.opt: torch.optim.Optimizer | None = None
+        self.cbs: list[Callback] = []
+        self._handlers: dict[str, list[tuple[Callback, Callable[[Learner], None]]]] = {}
+        self.epoch, self.n_epochs, self.iter, self.training = 0, 0, 0, False
+        self.dl: Iterable[Any] | None = None
+        self.batch: Any = None
+        self.preds: Any = None
+        self.loss: torch.Tensor | None = None
+        self.run_train, self.run_valid = True, True
+        if default_cbs:
+            from learner.callbacks import default_callbacks
+
+            for cb in default_callbacks(metrics):
+                self.add_cb(cb)
+        elif metrics is not None:
+            raise ValueError("metrics= needs the default MetricsCB: pass default_cbs=True, or add "
+                             "MetricsCB(...) to cbs yourself.")  # fmt: skip
+        for cb in cbs or ():
+            self.add_cb(cb)
+
+    # -- callbacks -------------------------------------------------------------------------------
+
+    def add_cb(self, cb: Callback) -> Callback | None:
+        """Add `cb`; it replaces a callback of its own class. Returns the callback it replaced."""
+        if not isinstance(cb, Callback):
+            raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}.")
+        _check_events(cb)
+        old = next((c for c in self.cbs if isinstance(cb, type(c))), None)
+        if old is None:
+            self.cbs.append(cb)
+        else:
+            self.cbs[self.cbs.index(old)] = cb
+        self._build_handlers()
+        return old
+
+    def remove_cb(self, cb: Callback) -> None:
+        """Remove `cb` (an instance in `learn.cbs`)."""
+        self.cbs.remove(cb)
+        self._build_handlers()
+
+    def _build_handlers(self) -> None:
+        # Sorted once per change, not once per event: dispatch is on the hot path.
+        cbs = sorted(self.cbs, key=lambda c: c.order)  # stable: ties keep insertion order
+        self._handlers = {
+            e: [(c, getattr(c, e)) for c in cbs if callable(getattr(c, e, None))] for e in EVENTS
+        }
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: find a callback by name (`learn.recorder`).
+        if not name.startswith("_"):
+            for cb in self.__dict__.get("cbs", ()):
+                if cb.name == name:
+                    return cb
+        raise AttributeError(f"{type(self).__name__!r} has no attribute or callback {name!r}")
+
+    def callback(self, event: str) -> None:
+        """Run every callback implementing `event`, in order."""
+        errors: list[BaseException] = []
+        for cb, method in self._handlers[event]:
+            try:
+                method(self)
+            except BaseException as e:
+                if not isinstance(e, _CANCELS):
+                    _add_note_once(e, f"Raised in {type(cb).__name__}.{event}.")
+                # Every cleanup must run (they restore state), so a failing one is raised after.
+                if not event.startswith("cleanup_"):
+                    raise
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        n_epochs: int = 1,
+        lr: float | None = None,
+        cbs: Iterable[Callback] | None = None,
+        train: bool = True,
+        valid: bool = True,
+    ) -> None:
+        """Train for `n_epochs` epochs, each a training then a validation phase.
+
+        Args:
+            n_epochs: number of epochs (0 runs before_fit/after_fit only).
+            lr: if given, sets the learning rate of the optimizer (kept across fits).
+            cbs: callbacks for this call only; removed afterwards, whatever happens.
+            train: run the training phases.
+            valid: run the validation phases (skipped anyway when `dls.valid` is absent).
+        """
+        if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 0:
+            raise ValueError(f"n_epochs must be an int >= 0, got {n_epochs!r}.")
+        if lr is not None:
+            _check_lr(lr)
+        _check_dls(self.dls)
+        if train:
+            _check_not_empty(self.dls.train, "dls.train")
+        cbs = list(cbs or ())
+        for cb in cbs:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}.")
+            _check_events(cb)
+        if train and self.opt is None and not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError("The model has no trainable parameters, so there is nothing for the "
+                             "optimizer to train. Unfreeze some, or call fit(train=False).")  # fmt: skip
+
+        replaced = [(cb, self.add_cb(cb)) for cb in cbs]
+        try:
+            if train and self.opt is None:
+                self.opt = self.opt_func(self.model.parameters(), lr=lr or self.lr)
+            if lr is not None:
+                self.lr = lr
+                if self.opt is not None:
+                    for group in self.opt.param_groups:
+                        group["lr"] = lr
+            self.n_epochs, self.run_train, self.run_valid = n_epochs, train, valid
+            self._with("fit", self._do_epochs, CancelFitException)
+        finally:
+            for cb, old in reversed(replaced):
+                if cb in self.cbs:
+                    if old is None:
+                        self.cbs.remove(cb)
+                    else:
+                        self.cbs[self.cbs.index(cb)] = old
+            self._build_handlers()
+
+    def _with(self, level: str, body: Callable[[], None], cancel: type[Exception]) -> None:
+        # The one place that defines event semantics: before_, body, after_; a cancel of this
+        # level skips after_ quietly; cleanup_ always runs, exactly once per before_.
+        try:
+            self.callback(f"before_{level}")
+            body()
+            self.callback(f"after_{level}")
+        except cancel:
+            pass
+        finally:
+            self.callback(f"cleanup_{level}")
+
+    def _do_epochs(self) -> None:
+        for self.epoch in range(self.n_epochs):
+            self._with("epoch", self._do_epoch, CancelEpochException)
+
+    def _do_epoch(self) -> None:
+        if self.run_train:
+            self._phase(True, self.dls.train, "train", CancelTrainException)
+        valid_dl = getattr(self.dls, "valid", None)
+        if self.run_valid and valid_dl is not None:
+            self._phase(False, valid_dl, "validate", CancelValidateException)
+
+    def _phase(self, training: bool, dl: Iterable[Any], level: str, cancel: type[Exception]) -> None:
+        self.training, self.dl = training, dl
+        with torch.set_grad_enabled(training):
+            self._with(level, self._do_batches, cancel)
+
+    def _do_batches(self) -> None:
+        self.iter = -1
+        for self.iter, self.batch in enumerate(self.dl):
+            self._with("batch", self._do_batch, CancelBatchException)
+        if self.training and self.iter < 0:
+            raise ValueError("dls.train yielded no batches: check its dataset size, batch size "
+                             "and drop_last.")  # fmt: skip
+
+    def _do_batch(self) -> None:
+        try:
+            self.predict()
+        except Exception as e:
+            e.add_note(f"The model failed on input {_describe(self.batch[0])}.")
+            raise
+        self.callback("after_predict")
+        try:
+            self.get_loss()
+        except Exception as e:
+            e.add_note(f"loss_func failed on preds {_describe(self.preds)} and targets "
+                       f"{_describe(self.batch[1:])}.")  # fmt: skip
+            raise
+        self.callback("after_loss")
+        if not self.training:
+            return
+        self.backward()
+        self.callback("after_backward")
+        self.step()
+        self.callback("after_step")
+        self.zero_grad()
+
+    # -- training steps: override in a subclass to change how a batch is processed --------------
+
+    def predict(self) -> None:
+        """Forward pass: `self.preds = self.model(self.batch[0])`."""
+        self.preds = self.model(self.batch[0])
+
+    def get_loss(self) -> None:
+        """`self.loss = self.loss_func(self.preds, self.batch[1])`."""
+        self.loss = self.loss_func(self.preds, self.batch[1])
+
+    def backward(self) -> None:
+        """`self.loss.backward()`."""
+        assert self.loss is not None
+        self.loss.backward()
+
+    def step(self) -> None:
+        """`self.opt.step()`."""
+        assert self.opt is not None
+        self.opt.step()
+
+    def zero_grad(self) -> None:
+        """`self.opt.zero_grad()`."""
+        assert self.opt is not None
+        self.opt.zero_grad()

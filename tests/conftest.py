@@ -1,0 +1,43 @@
+"""A tiny synthetic learner for mechanics tests, and matplotlib on Agg."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import matplotlib
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+matplotlib.use("Agg")
+
+
+def make_data(n: int = 23, n_in: int = 4, n_out: int = 3, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, n_in, generator=g)
+    y = torch.randint(0, n_out, (n,), generator=g)
+    return x, y
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, bs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i : i + bs], y[i : i + bs]) for i in range(0, len(x), bs)]
+
+
+def make_dls(n_train: int = 16, n_valid: int = 8, bs: int = 8, valid: bool = True) -> Any:
+    x, y = make_data(n_train + n_valid)
+    train = batches(x[:n_train], y[:n_train], bs)
+    return SimpleNamespace(train=train, valid=batches(x[n_train:], y[n_train:], bs) if valid else None)
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+@pytest.fixture
+def tiny() -> dict[str, Any]:
+    """Keyword arguments for a tiny Learner: 2 training batches, 1 validation batch."""
+    return dict(model=make_model(), dls=make_dls(), loss_func=F.cross_entropy, lr=0.1,
+                opt_func=torch.optim.SGD)  # fmt: skip
