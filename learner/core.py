@@ -87,8 +87,8 @@ def _snake(name: str) -> str:
 class Callback:
     """Base class for callbacks: implement any of `EVENTS` as `def event(self, learn): ...`.
 
-    Callbacks run sorted by `order` (lower first; ties keep insertion order). A callback is reachable
-    as `learn.<name>`, its class name in snake case without the `CB` suffix.
+    Callbacks run sorted by `order` (lower first; ties keep insertion order). A callback is
+    reachable as `learn.<name>`, its class name in snake case without the `CB` suffix.
 
     Example:
         >>> class PrintLossCB(Callback):
@@ -152,14 +152,14 @@ def _check_dls(dls: Any) -> None:
     for name in ("train", "valid"):
         dl = getattr(dls, name, None)
         if dl is not None and not isinstance(dl, Iterable):
-            raise TypeError(f"dls.{name} must be an iterable of batches, "
-                            f"got {type(dl).__name__}.")  # fmt: skip
+            raise TypeError(f"dls.{name} must be an iterable of batches, got {type(dl).__name__}.")
 
 
 def _check_not_empty(dl: Any, name: str) -> None:
     if hasattr(dl, "__len__") and len(dl) == 0:
-        raise ValueError(f"{name} is empty (len 0): check its dataset size, batch size and "
-                         "drop_last.")  # fmt: skip
+        raise ValueError(
+            f"{name} is empty (len 0): check its dataset size, batch size and drop_last."
+        )
 
 
 class Learner:
@@ -201,13 +201,17 @@ class Learner:
         if not callable(loss_func):
             raise TypeError(f"loss_func must be callable, got {type(loss_func).__name__}.")
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = (
-            model, dls, loss_func, lr, opt_func,
-        )  # fmt: skip
+            model,
+            dls,
+            loss_func,
+            lr,
+            opt_func,
+        )
         self.opt: torch.optim.Optimizer | None = None
         self.cbs: list[Callback] = []
         self._handlers: dict[str, list[tuple[Callback, Callable[[Learner], None]]]] = {}
         self.epoch, self.n_epochs, self.iter, self.training = 0, 0, 0, False
-        self.dl: Iterable[Any] | None = None
+        self.dl: Any = None  # the loader of the running phase
         self.batch: Any = None
         self.preds: Any = None
         self.loss: torch.Tensor | None = None
@@ -218,8 +222,10 @@ class Learner:
             for cb in default_callbacks(metrics):
                 self.add_cb(cb)
         elif metrics is not None:
-            raise ValueError("metrics= needs the default MetricsCB: pass default_cbs=True, or add "
-                             "MetricsCB(...) to cbs yourself.")  # fmt: skip
+            raise ValueError(
+                "metrics= needs the default MetricsCB: pass default_cbs=True, or add "
+                "MetricsCB(...) to cbs yourself."
+            )
         for cb in cbs or ():
             self.add_cb(cb)
 
@@ -306,8 +312,10 @@ class Learner:
                 raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}.")
             _check_events(cb)
         if train and self.opt is None and not any(p.requires_grad for p in self.model.parameters()):
-            raise ValueError("The model has no trainable parameters, so there is nothing for the "
-                             "optimizer to train. Unfreeze some, or call fit(train=False).")  # fmt: skip
+            raise ValueError(
+                "The model has no trainable parameters, so there is nothing for the "
+                "optimizer to train. Unfreeze some, or call fit(train=False)."
+            )
 
         replaced = [(cb, self.add_cb(cb)) for cb in cbs]
         try:
@@ -342,7 +350,8 @@ class Learner:
             self.callback(f"cleanup_{level}")
 
     def _do_epochs(self) -> None:
-        for self.epoch in range(self.n_epochs):
+        for epoch in range(self.n_epochs):
+            self.epoch = epoch
             self._with("epoch", self._do_epoch, CancelEpochException)
 
     def _do_epoch(self) -> None:
@@ -352,18 +361,22 @@ class Learner:
         if self.run_valid and valid_dl is not None:
             self._phase(False, valid_dl, "validate", CancelValidateException)
 
-    def _phase(self, training: bool, dl: Iterable[Any], level: str, cancel: type[Exception]) -> None:
+    def _phase(
+        self, training: bool, dl: Iterable[Any], level: str, cancel: type[Exception]
+    ) -> None:
         self.training, self.dl = training, dl
         with torch.set_grad_enabled(training):
             self._with(level, self._do_batches, cancel)
 
     def _do_batches(self) -> None:
         self.iter = -1
-        for self.iter, self.batch in enumerate(self.dl):
+        for i, batch in enumerate(self.dl):
+            self.iter, self.batch = i, batch
             self._with("batch", self._do_batch, CancelBatchException)
         if self.training and self.iter < 0:
-            raise ValueError("dls.train yielded no batches: check its dataset size, batch size "
-                             "and drop_last.")  # fmt: skip
+            raise ValueError(
+                "dls.train yielded no batches: check its dataset size, batch size and drop_last."
+            )
 
     def _do_batch(self) -> None:
         try:
@@ -375,8 +388,10 @@ class Learner:
         try:
             self.get_loss()
         except Exception as e:
-            e.add_note(f"loss_func failed on preds {_describe(self.preds)} and targets "
-                       f"{_describe(self.batch[1:])}.")  # fmt: skip
+            e.add_note(
+                f"loss_func failed on preds {_describe(self.preds)} and targets "
+                f"{_describe(self.batch[1:])}."
+            )
             raise
         self.callback("after_loss")
         if not self.training:

@@ -14,7 +14,9 @@ from torch import nn
 matplotlib.use("Agg")
 
 
-def make_data(n: int = 23, n_in: int = 4, n_out: int = 3, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def make_data(
+    n: int = 23, n_in: int = 4, n_out: int = 3, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, n_in, generator=g)
     y = torch.randint(0, n_out, (n,), generator=g)
@@ -28,7 +30,9 @@ def batches(x: torch.Tensor, y: torch.Tensor, bs: int) -> list[tuple[torch.Tenso
 def make_dls(n_train: int = 16, n_valid: int = 8, bs: int = 8, valid: bool = True) -> Any:
     x, y = make_data(n_train + n_valid)
     train = batches(x[:n_train], y[:n_train], bs)
-    return SimpleNamespace(train=train, valid=batches(x[n_train:], y[n_train:], bs) if valid else None)
+    return SimpleNamespace(
+        train=train, valid=batches(x[n_train:], y[n_train:], bs) if valid else None
+    )
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -39,5 +43,10 @@ def make_model(seed: int = 0) -> nn.Module:
 @pytest.fixture
 def tiny() -> dict[str, Any]:
     """Keyword arguments for a tiny Learner: 2 training batches, 1 validation batch."""
-    return dict(model=make_model(), dls=make_dls(), loss_func=F.cross_entropy, lr=0.1,
-                opt_func=torch.optim.SGD)  # fmt: skip
+    return dict(
+        model=make_model(),
+        dls=make_dls(),
+        loss_func=F.cross_entropy,
+        lr=0.1,
+        opt_func=torch.optim.SGD,
+    )

@@ -72,8 +72,13 @@ class RaiseCB(Callback):
             raise self.exc
 
 
-def expected_trace(raise_at: str | None = None, cancel_level: str | None = None,
-                   n_epochs: int = 2, n_train: int = 2, n_valid: int = 1) -> list[str]:  # fmt: skip
+def expected_trace(
+    raise_at: str | None = None,
+    cancel_level: str | None = None,
+    n_epochs: int = 2,
+    n_train: int = 2,
+    n_valid: int = 1,
+) -> list[str]:
     """The documented semantics, written independently of the Learner: returns the event trace
     when `CANCELS[cancel_level]` is raised the first time `raise_at` fires."""
     trace: list[str] = []
@@ -135,9 +140,19 @@ def test_event_sequence_is_exactly_the_documented_one(tiny: dict[str, Any]) -> N
     batch = ["before_batch", "after_predict", "after_loss"]
     train_batch = [*batch, "after_backward", "after_step", "after_batch", "cleanup_batch"]
     valid_batch = [*batch, "after_batch", "cleanup_batch"]
-    epoch = ["before_epoch", "before_train", *train_batch * 2, "after_train", "cleanup_train",
-             "before_validate", *valid_batch, "after_validate", "cleanup_validate",
-             "after_epoch", "cleanup_epoch"]  # fmt: skip
+    epoch = [
+        "before_epoch",
+        "before_train",
+        *train_batch * 2,
+        "after_train",
+        "cleanup_train",
+        "before_validate",
+        *valid_batch,
+        "after_validate",
+        "cleanup_validate",
+        "after_epoch",
+        "cleanup_epoch",
+    ]
     assert trace.trace == ["before_fit", *epoch * 2, "after_fit", "cleanup_fit"]
     assert trace.trace == expected_trace()
 
@@ -292,7 +307,12 @@ def test_default_callbacks_are_replaceable(tiny: dict[str, Any]) -> None:
     mine = ProgressCB(plot=True)
     learn = Learner(**tiny, cbs=[mine])
     assert [type(cb).__name__ for cb in learn.cbs] == [
-        "TrainEvalCB", "DeviceCB", "MetricsCB", "RecorderCB", "ProgressCB"]  # fmt: skip
+        "TrainEvalCB",
+        "DeviceCB",
+        "MetricsCB",
+        "RecorderCB",
+        "ProgressCB",
+    ]
     assert learn.progress is mine
     default_recorder = learn.recorder
     for_one_fit = RecorderCB()
@@ -305,8 +325,11 @@ def test_default_callbacks_are_replaceable(tiny: dict[str, Any]) -> None:
 def test_metrics_shortcut(tiny: dict[str, Any]) -> None:
     from learner import accuracy
 
-    for metrics, names in [(accuracy, ["accuracy"]), ([accuracy], ["accuracy"]),
-                           ({"acc": accuracy}, ["acc"])]:  # fmt: skip
+    for metrics, names in [
+        (accuracy, ["accuracy"]),
+        ([accuracy], ["accuracy"]),
+        ({"acc": accuracy}, ["acc"]),
+    ]:
         learn = Learner(**{**tiny, "model": make_model()}, metrics=metrics)
         learn.fit(1)
         assert list(learn.recorder.history[0]) == ["epoch", "train_loss", "valid_loss", *names]
@@ -404,13 +427,24 @@ def test_state_visible_to_callbacks(tiny: dict[str, Any]) -> None:
 
     class Spy(Callback):
         def after_batch(self, learn: Learner) -> None:
-            seen.append((learn.epoch, learn.n_epochs, learn.iter, learn.training,
-                         learn.dl is (learn.dls.train if learn.training else learn.dls.valid),
-                         learn.preds.shape[0] == learn.batch[0].shape[0], learn.lr))  # fmt: skip
+            seen.append(
+                (
+                    learn.epoch,
+                    learn.n_epochs,
+                    learn.iter,
+                    learn.training,
+                    learn.dl is (learn.dls.train if learn.training else learn.dls.valid),
+                    learn.preds.shape[0] == learn.batch[0].shape[0],
+                    learn.lr,
+                )
+            )
 
     Learner(**tiny, cbs=[Spy()]).fit(2)
-    assert seen == [(e, 2, i, t, True, True, 0.1)
-                    for e in range(2) for i, t in [(0, True), (1, True), (0, False)]]  # fmt: skip
+    assert seen == [
+        (e, 2, i, t, True, True, 0.1)
+        for e in range(2)
+        for i, t in [(0, True), (1, True), (0, False)]
+    ]
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -41,8 +41,11 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
     if isinstance(obj, dict):
         return type(obj)((k, to_device(v, device)) for k, v in obj.items())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        fields = {f.name: to_device(getattr(obj, f.name), device)
-                  for f in dataclasses.fields(obj) if f.init}  # fmt: skip
+        fields = {
+            f.name: to_device(getattr(obj, f.name), device)
+            for f in dataclasses.fields(obj)
+            if f.init
+        }
         return dataclasses.replace(obj, **fields)
     return obj
 

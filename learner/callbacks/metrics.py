@@ -10,7 +10,7 @@ import torch
 
 from learner.core import Callback, Learner, _snake
 
-__all__ = ["MetricsCB", "accuracy"]
+__all__ = ["MetricsCB", "accuracy", "epoch_summary"]
 
 
 def accuracy(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -81,8 +81,10 @@ class MetricsCB(Callback):
                     f"update/compute/reset, got {type(metric).__name__}."
                 )
             if name == "loss" or name in self.metrics:
-                raise ValueError(f"metric name {name!r} is taken; pass it by keyword with "
-                                 "another name, e.g. MetricsCB(acc2=...).")  # fmt: skip
+                raise ValueError(
+                    f"metric name {name!r} is taken; pass it by keyword with "
+                    "another name, e.g. MetricsCB(acc2=...)."
+                )
             self.metrics[name] = metric
         self.values: dict[str, dict[str, Any]] = {}
 
@@ -163,3 +165,8 @@ class MetricsCB(Callback):
         row.update({name: source.get(name) for name in self.metrics})
         return row
 
+
+def epoch_summary(learn: Learner) -> dict[str, Any]:
+    """The current epoch's row from the learner's `MetricsCB` (empty if it has none)."""
+    cb = next((c for c in learn.cbs if isinstance(c, MetricsCB)), None)
+    return cb.epoch_summary() if cb is not None else {}

@@ -9,6 +9,7 @@ from typing import Any
 from fastprogress import fastprogress as fp
 from fastprogress.core import format_time
 
+from learner.callbacks.metrics import epoch_summary
 from learner.core import Callback, Learner
 
 __all__ = ["ProgressCB"]
@@ -63,7 +64,7 @@ class ProgressCB(Callback):
     def _start_bar(self, learn: Learner) -> None:
         if not self.bars:
             return
-        total = len(learn.dl) if hasattr(learn.dl, "__len__") else "noinfer"  # type: ignore[arg-type]
+        total = len(learn.dl) if hasattr(learn.dl, "__len__") else "noinfer"
         pbar_cls = fp.NBProgressBar if self.in_notebook else fp.ConsoleProgressBar
         self.pbar = pbar_cls(range(0), total=total, parent=self.mbar)
         self.pbar.update_every = self.update_every
@@ -82,9 +83,10 @@ class ProgressCB(Callback):
         val = learn.iter + 1
         # Mirror fastprogress' own throttle, so the loss is read only when the bar redraws.
         if pbar.last_v is not None and (
-            val <= pbar.first_its or val >= pbar.last_v + pbar.wait_for
+            val <= pbar.first_its
+            or val >= pbar.last_v + pbar.wait_for
             or (pbar.total and val >= pbar.total)
-        ):  # fmt: skip
+        ):
             if learn.training and learn.loss is not None:
                 pbar.comment = f"loss {learn.loss.item():.4f}"
             if self.plot and self.in_notebook and learn.training:
@@ -102,8 +104,7 @@ class ProgressCB(Callback):
         self.mbar.update_graph(graphs)
 
     def after_epoch(self, learn: Learner) -> None:
-        metrics = getattr(learn, "metrics", None)
-        summary = metrics.epoch_summary() if hasattr(metrics, "epoch_summary") else {}
+        summary = epoch_summary(learn)
         row = {"epoch": learn.epoch, **summary, "time": format_time(time.time() - self.epoch_start)}
         if not learn.run_train:
             row.pop("train_loss", None)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
+from learner.callbacks.metrics import epoch_summary
 from learner.core import Callback, Learner
 
 __all__ = ["RecorderCB"]
@@ -89,8 +90,7 @@ class RecorderCB(Callback):
 
     def after_epoch(self, learn: Learner) -> None:
         self._flush()
-        metrics = getattr(learn, "metrics", None)
-        summary = metrics.epoch_summary() if hasattr(metrics, "epoch_summary") else {}
+        summary = epoch_summary(learn)
         self.history.append({"epoch": len(self.history), **summary})
         self.epoch_iters.append(len(self._losses))
 
@@ -106,8 +106,11 @@ class RecorderCB(Callback):
         fig, (ax,) = _new_figure()
         losses = smooth(self.losses)
         ax.plot(range(skip_start, len(losses)), losses[skip_start:], label="train")
-        valid = [(i, h["valid_loss"]) for i, h in zip(self.epoch_iters, self.history)
-                 if h.get("valid_loss") is not None]  # fmt: skip
+        valid = [
+            (i, h["valid_loss"])
+            for i, h in zip(self.epoch_iters, self.history)
+            if h.get("valid_loss") is not None
+        ]
         if with_valid and valid:
             ax.plot(*zip(*valid), marker="o", label="valid")
         ax.set(xlabel="batch", ylabel="loss")
