@@ -6,13 +6,21 @@ Read top to bottom: the cancel exceptions, the event list, `Callback`, then `Lea
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
+
+from learner._checks import (
+    add_note_once,
+    check_dls,
+    check_events,
+    check_lr,
+    check_not_empty,
+    describe,
+)
 
 __all__ = [
     "EVENTS",
@@ -46,38 +54,17 @@ class CancelBatchException(Exception):
     """Raise from a callback to skip the rest of the current batch (nothing is recorded for it)."""
 
 
-_CANCELS = (
-    CancelFitException,
-    CancelEpochException,
-    CancelTrainException,
-    CancelValidateException,
-    CancelBatchException,
-)
+_CANCELS = (CancelFitException, CancelEpochException, CancelTrainException,
+            CancelValidateException, CancelBatchException)  # fmt: skip
 
 # Every event a callback may implement, in the order they first fire. A callback method that looks
 # like an event but is not in this tuple is a typo, and rejected when the callback is added.
 EVENTS = (
-    "before_fit",
-    "before_epoch",
-    "before_train",
-    "before_batch",
-    "after_predict",
-    "after_loss",
-    "after_backward",
-    "after_step",
-    "after_batch",
-    "cleanup_batch",
-    "after_train",
-    "cleanup_train",
-    "before_validate",
-    "after_validate",
-    "cleanup_validate",
-    "after_epoch",
-    "cleanup_epoch",
-    "after_fit",
-    "cleanup_fit",
-)
-_EVENT_LIKE = re.compile(r"^(before|after|cleanup)_")
+    "before_fit", "before_epoch", "before_train", "before_batch", "after_predict", "after_loss",
+    "after_backward", "after_step", "after_batch", "cleanup_batch", "after_train", "cleanup_train",
+    "before_validate", "after_validate", "cleanup_validate", "after_epoch", "cleanup_epoch",
+    "after_fit", "cleanup_fit",
+)  # fmt: skip
 
 
 def _snake(name: str) -> str:
@@ -108,58 +95,6 @@ class Callback:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(order={self.order})"
-
-
-def _check_events(cb: Callback) -> None:
-    for attr in dir(type(cb)):
-        if attr.startswith("_") or attr in EVENTS:
-            continue
-        close = difflib.get_close_matches(attr, EVENTS, n=1, cutoff=0.85)
-        if _EVENT_LIKE.match(attr) or close:
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(
-                f"{type(cb).__name__}.{attr} looks like an event but is not one.{hint} "
-                f"Events are: {', '.join(EVENTS)}."
-            )
-
-
-def _describe(obj: Any) -> str:
-    if isinstance(obj, torch.Tensor):
-        return f"Tensor(shape={tuple(obj.shape)}, dtype={obj.dtype}, device={obj.device})"
-    if isinstance(obj, (list, tuple)):
-        return f"{type(obj).__name__}[{', '.join(_describe(o) for o in obj)}]"
-    return type(obj).__name__
-
-
-def _add_note_once(e: BaseException, note: str) -> None:
-    # An exception travels through nested event calls; name only the innermost callback.
-    if not any(n.startswith("Raised in ") for n in getattr(e, "__notes__", ())):
-        e.add_note(note)
-
-
-def _check_lr(lr: Any) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"lr must be a positive number, got {lr!r}.")
-
-
-def _check_dls(dls: Any) -> None:
-    train = getattr(dls, "train", None)
-    if train is None:
-        raise TypeError(
-            f"dls must have a .train loader (and optionally .valid), got {type(dls).__name__}. "
-            "Wrap your loaders: DataLoaders(train_dl, valid_dl)."
-        )
-    for name in ("train", "valid"):
-        dl = getattr(dls, name, None)
-        if dl is not None and not isinstance(dl, Iterable):
-            raise TypeError(f"dls.{name} must be an iterable of batches, got {type(dl).__name__}.")
-
-
-def _check_not_empty(dl: Any, name: str) -> None:
-    if hasattr(dl, "__len__") and len(dl) == 0:
-        raise ValueError(
-            f"{name} is empty (len 0): check its dataset size, batch size and drop_last."
-        )
 
 
 class Learner:
@@ -196,17 +131,12 @@ class Learner:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        _check_dls(dls)
-        _check_lr(lr)
+        check_dls(dls)
+        check_lr(lr)
         if not callable(loss_func):
             raise TypeError(f"loss_func must be callable, got {type(loss_func).__name__}.")
-        self.model, self.dls, self.loss_func, self.lr, self.opt_func = (
-            model,
-            dls,
-            loss_func,
-            lr,
-            opt_func,
-        )
+        self.model, self.dls, self.loss_func, self.opt_func = model, dls, loss_func, opt_func
+        self.lr = lr
         self.opt: torch.optim.Optimizer | None = None
         self.cbs: list[Callback] = []
         self._handlers: dict[str, list[tuple[Callback, Callable[[Learner], None]]]] = {}
@@ -235,7 +165,7 @@ class Learner:
         """Add `cb`; it replaces a callback of its own class. Returns the callback it replaced."""
         if not isinstance(cb, Callback):
             raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}.")
-        _check_events(cb)
+        check_events(cb, EVENTS)
         old = next((c for c in self.cbs if isinstance(cb, type(c))), None)
         if old is None:
             self.cbs.append(cb)
@@ -272,7 +202,7 @@ class Learner:
                 method(self)
             except BaseException as e:
                 if not isinstance(e, _CANCELS):
-                    _add_note_once(e, f"Raised in {type(cb).__name__}.{event}.")
+                    add_note_once(e, f"Raised in {type(cb).__name__}.{event}.")
                 # Every cleanup must run (they restore state), so a failing one is raised after.
                 if not event.startswith("cleanup_"):
                     raise
@@ -302,15 +232,15 @@ class Learner:
         if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 0:
             raise ValueError(f"n_epochs must be an int >= 0, got {n_epochs!r}.")
         if lr is not None:
-            _check_lr(lr)
-        _check_dls(self.dls)
+            check_lr(lr)
+        check_dls(self.dls)
         if train:
-            _check_not_empty(self.dls.train, "dls.train")
+            check_not_empty(self.dls.train, "dls.train")
         cbs = list(cbs or ())
         for cb in cbs:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}.")
-            _check_events(cb)
+            check_events(cb, EVENTS)
         if train and self.opt is None and not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(
                 "The model has no trainable parameters, so there is nothing for the "
@@ -382,15 +312,15 @@ class Learner:
         try:
             self.predict()
         except Exception as e:
-            e.add_note(f"The model failed on input {_describe(self.batch[0])}.")
+            e.add_note(f"The model failed on input {describe(self.batch[0])}.")
             raise
         self.callback("after_predict")
         try:
             self.get_loss()
         except Exception as e:
             e.add_note(
-                f"loss_func failed on preds {_describe(self.preds)} and targets "
-                f"{_describe(self.batch[1:])}."
+                f"loss_func failed on preds {describe(self.preds)} and targets "
+                f"{describe(self.batch[1:])}."
             )
             raise
         self.callback("after_loss")
