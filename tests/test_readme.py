@@ -1,0 +1,35 @@
+"""The README's code runs as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from learner.data import mnist_available
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def test_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not mnist_available():
+        pytest.skip("MNIST not found: set LEARNER_DATA to a folder holding MNIST/raw/")
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, Any] = {}
+    exec(BLOCKS[0], scope)
+    assert scope["learn"].recorder.history[-1]["accuracy"] > 0.95
+    assert (tmp_path / "loss.png").exists()
+
+
+def test_callback_example_runs(tiny: dict[str, Any]) -> None:
+    from learner import Learner
+
+    learn = Learner(**tiny)
+    scope: dict[str, Any] = {"learn": learn}
+    exec(BLOCKS[1], scope)
+    assert len(learn.recorder.losses) == 6  # 3 epochs of 2 batches: 100 is never reached
+    learn.fit(3, cbs=[scope["StopAfterCB"](3)])
+    assert len(learn.recorder.losses) == 6 + 3
