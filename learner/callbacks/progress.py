@@ -48,7 +48,7 @@ class ProgressCB(Callback):
 
     def before_fit(self, learn: Learner) -> None:
         self.in_notebook = bool(fp.IN_NOTEBOOK)
-        self.bars = self.in_notebook or sys.stdout.isatty()
+        self.bars = (self.in_notebook or sys.stdout.isatty()) and learn.n_epochs > 0
         self.header_written, self.pbar, self.mbar = False, None, None
         if self.bars:
             mbar_cls = fp.NBMasterBar if self.in_notebook else fp.ConsoleMasterBar

@@ -1,0 +1,133 @@
+"""Train a small CNN on MNIST with the Learner, save the loss and metric plots, report accuracy.
+
+The whole job on one screen: load MNIST as tensors, build a model, `fit` with progress bars and a
+results table, save `plot_loss()` and `plot_metrics()` as PNG files and the weights under
+`--out-dir`, print the final validation accuracy. The defaults reach about 0.98 in under a minute
+of CPU time.
+
+MNIST is read from `$LEARNER_DATA/MNIST/raw/` (default `~/.cache/learner/MNIST/raw/`) and
+downloaded there if missing. If it is neither there nor downloadable, the script says so in one
+line and trains on scikit-learn's bundled 8x8 digits instead, so it always ends with a trained
+model, a results table and plots.
+
+Run from the repository root:
+    python examples/train_mnist.py
+    python examples/train_mnist.py --epochs 1 --n-train 5000   # a quick look
+    python examples/train_mnist.py --dataset digits --model mlp  # no MNIST needed
+    python examples/train_mnist.py --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from learner import Learner, accuracy
+from learner.data import DataLoaders, DataNotFoundError, data_root, digits, mnist
+
+
+def arg(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a help string for `--help`."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    dataset: Literal["mnist", "digits"] = arg("mnist", "digits: scikit-learn's 8x8 digits, bundled")
+    model: Literal["cnn", "mlp"] = arg("cnn", "a 5-layer all-conv net or a 1-hidden-layer MLP")
+    epochs: int = arg(3, "number of epochs")
+    bs: int = arg(64, "training batch size (validation uses twice as many)")
+    lr: float = arg(5e-3, "learning rate of AdamW")
+    n_train: int | None = arg(None, "train on the first N training images only (tiny runs)")
+    n_valid: int | None = arg(None, "validate on the first N validation images only")
+    data: str | None = arg(None, "holds MNIST/raw/; None: $LEARNER_DATA or ~/.cache/learner")
+    download: bool = arg(True, "download MNIST if it is missing")
+    out_dir: str = arg("runs", "where the plots and the weights go")
+    seed: int = arg(42, "random seed for the weights and the shuffling")
+
+
+def parse_args(cls: type[Any]) -> Any:
+    """Build an argparse parser from a dataclass: one typed `--flag` per field, with its default."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        kwargs: dict[str, Any] = {"default": f.default}
+        kwargs["help"] = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is Literal:
+            kwargs["choices"] = typing.get_args(kind)
+        elif isinstance(kind, types.UnionType):  # `int | None`: parse as the int
+            kwargs["type"] = next(t for t in typing.get_args(kind) if t is not type(None))
+        else:
+            kwargs["type"] = kind
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    return cls(**vars(parser.parse_args()))
+
+
+args = parse_args(Args)
+torch.manual_seed(args.seed)
+
+# -- data: MNIST as in-memory tensors, normalised; 8x8 digits when MNIST cannot be had ------------
+if args.dataset == "mnist":
+    try:
+        data = mnist(args.data, download=args.download)
+    except DataNotFoundError:
+        print(f"MNIST not found in {data_root(args.data) / 'MNIST' / 'raw'} and not downloaded, so "
+              "training on scikit-learn's 8x8 digits instead; to use MNIST, put its files in "
+              "<dir>/MNIST/raw/ and set LEARNER_DATA=<dir>.")  # fmt: skip
+        args.dataset = "digits"
+if args.dataset == "digits":
+    data = digits()
+x_train, y_train = data.x_train[: args.n_train], data.y_train[: args.n_train]
+x_valid, y_valid = data.x_valid[: args.n_valid], data.y_valid[: args.n_valid]
+dls = DataLoaders.from_tensors(x_train, y_train, x_valid, y_valid, bs=args.bs)
+print(f"{args.dataset}: {len(x_train)} training and {len(x_valid)} validation images of "
+      f"{tuple(x_train.shape[1:])}")  # fmt: skip
+
+
+# -- model ----------------------------------------------------------------------------------------
+def conv(ni: int, nf: int, act: bool = True) -> nn.Module:
+    # Stride 2 halves the image: 28 -> 14 -> 7 -> 4 -> 2 -> 1 (and 8 -> 4 -> 2 -> 1 -> 1 -> 1).
+    layer = nn.Conv2d(ni, nf, kernel_size=3, stride=2, padding=1)
+    return nn.Sequential(layer, nn.ReLU()) if act else layer
+
+
+if args.model == "cnn":
+    model = nn.Sequential(
+        conv(1, 16), conv(16, 32), conv(32, 64), conv(64, 64), conv(64, 10, act=False), nn.Flatten()
+    )
+else:
+    n_pixels = x_train[0].numel()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(n_pixels, 128), nn.ReLU(), nn.Linear(128, 10))
+
+# -- train: the default callbacks show progress bars and a results table, and record the losses --
+learn = Learner(model, dls, F.cross_entropy, lr=args.lr, metrics=accuracy)
+start = time.time()
+learn.fit(args.epochs)
+elapsed = time.time() - start
+
+# -- save the plots and the weights -----------------------------------------------------------
+out = Path(args.out_dir)
+out.mkdir(parents=True, exist_ok=True)
+learn.recorder.plot_loss().savefig(out / "train_mnist_loss.png", dpi=100)
+learn.recorder.plot_metrics().savefig(out / "train_mnist_metrics.png", dpi=100)
+torch.save(model.state_dict(), out / "train_mnist.pt")
+print(f"saved {out / 'train_mnist_loss.png'}, {out / 'train_mnist_metrics.png'} and the weights "
+      f"{out / 'train_mnist.pt'}")  # fmt: skip
+acc = learn.recorder.history[-1]["accuracy"]
+print(f"final validation accuracy: {acc:.4f} ({args.dataset}, {args.model}, epochs={args.epochs}, "
+      f"{elapsed:.0f}s)")  # fmt: skip

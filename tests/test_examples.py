@@ -1,0 +1,159 @@
+"""The examples, run as a user runs them (`python examples/x.py` from the repository root) on a
+tiny budget, and the quickstart notebook executed headless.
+
+The MNIST examples read `$LEARNER_DATA/MNIST/raw/` and are skipped when it is unset or lacks the
+files; the rest need no download. Torch runs single-threaded in the children: the models are tiny,
+and spare threads only spin when the tests share the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from learner.data import mnist_available
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+TABLE_HEADER = re.compile(r"^epoch\s+train_loss\s+valid_loss\s+accuracy\s+time$", re.MULTILINE)
+TABLE_ROW = re.compile(r"^\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\d\d:\d\d$", re.MULTILINE)
+
+
+def _mnist_skip_reason() -> str | None:
+    root = os.environ.get("LEARNER_DATA")
+    if not root:
+        return "LEARNER_DATA is unset: set it to a folder holding MNIST/raw/ to run this example"
+    if not mnist_available(root):
+        return f"MNIST files not found in $LEARNER_DATA/MNIST/raw/ (LEARNER_DATA={root})"
+    return None
+
+
+needs_mnist = pytest.mark.skipif(_mnist_skip_reason() is not None, reason=str(_mnist_skip_reason()))
+
+
+def run(script: str, *args: object, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `python examples/<script> <args>` from the repository root; fail with its output."""
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *map(str, args)],
+        cwd=ROOT,
+        env={**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def final_accuracy(stdout: str, label: str = "final validation accuracy") -> float:
+    match = re.search(rf"^{label}: ([\d.]+)", stdout, re.MULTILINE)
+    assert match, f"no '{label}: ...' line in:\n{stdout}"
+    return float(match.group(1))
+
+
+def check_table(stdout: str, n_epochs: int) -> None:
+    assert TABLE_HEADER.search(stdout), f"no results table in:\n{stdout}"
+    assert len(TABLE_ROW.findall(stdout)) == n_epochs, stdout
+
+
+@needs_mnist
+def test_train_mnist(tmp_path: Path) -> None:
+    out = run("train_mnist.py", "--epochs", 1, "--n-train", 3000, "--n-valid", 1000,
+              "--out-dir", tmp_path, "--no-download").stdout  # fmt: skip
+    assert "MNIST not found" not in out
+    check_table(out, 1)
+    assert final_accuracy(out) > 0.7
+    for name in ("train_mnist_loss.png", "train_mnist_metrics.png", "train_mnist.pt"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert str(tmp_path / "train_mnist_loss.png") in out
+
+
+def test_train_mnist_falls_back_to_digits(tmp_path: Path) -> None:
+    empty = tmp_path / "no_data"
+    empty.mkdir()
+    out = run("train_mnist.py", "--epochs", 2, "--out-dir", tmp_path / "runs", "--no-download",
+              LEARNER_DATA=str(empty)).stdout  # fmt: skip
+    notices = [line for line in out.splitlines() if "MNIST not found" in line]
+    assert len(notices) == 1, out
+    assert "digits" in notices[0] and "LEARNER_DATA" in notices[0]
+    check_table(out, 2)
+    assert final_accuracy(out) > 0.5
+    assert (tmp_path / "runs" / "train_mnist_loss.png").stat().st_size > 0
+
+
+@needs_mnist
+def test_minibatch_course() -> None:
+    out = run("minibatch_course.py", "--epochs", 1).stdout  # all 60,000 images: about a second
+    check_table(out, 1)
+    assert final_accuracy(out) > 0.93
+
+
+@needs_mnist
+def test_arena_mnist(tmp_path: Path) -> None:
+    # The full ARENA data (10,000 training images), one epoch: its check is accuracy > 0.8.
+    out = run("arena_mnist.py", "--epochs", 1, "--out-dir", tmp_path).stdout
+    check_table(out, 1)
+    assert final_accuracy(out, "test accuracy after epoch 1") > 0.8
+    assert (tmp_path / "arena_mnist.png").stat().st_size > 0
+
+
+def test_arena_mnist_without_mnist_names_learner_data(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "arena_mnist.py"), "--out-dir", tmp_path],
+        cwd=ROOT,
+        env={**os.environ, "MPLBACKEND": "Agg", "LEARNER_DATA": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "MNIST not found" in proc.stderr and "LEARNER_DATA" in proc.stderr
+
+
+def test_custom_callback() -> None:
+    out = run("custom_callback.py").stdout
+    assert "gradient norm" in out
+    assert "stopping after 30 batches: epoch 1, batch 6" in out
+    assert "cleanup_fit: runs however fit ends" in out
+    assert "after_fit: not reached" not in out
+    check_table(out, 1)  # the cancelled second epoch has no row
+
+
+def test_quickstart_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel", reason="the notebook runs on an ipykernel of this Python")
+    nb = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code_cells), (
+        "store the notebook without outputs"
+    )
+
+    # Pin the `python3` kernel to this interpreter, whatever kernelspecs the user has installed.
+    spec = tmp_path / "jupyter" / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    kernel = {"argv": argv, "display_name": "Python 3", "language": "python"}
+    (spec / "kernel.json").write_text(json.dumps(kernel))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+    client = nbclient.NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    )
+    client.execute()  # raises CellExecutionError, with the traceback, if a cell fails
+
+    def pngs(cell: Any) -> int:
+        return sum("image/png" in o.get("data", {}) for o in cell.outputs)
+
+    for call in ("plot_loss()", "plot_lr()", "plot_metrics()"):
+        cell = next(c for c in code_cells if call in c.source)
+        assert pngs(cell) == 1, f"{call} cell shows no image: {cell.outputs}"
+    assert sum(pngs(c) for c in code_cells) >= 4  # and the live graph of ProgressCB(plot=True)
