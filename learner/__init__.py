@@ -20,6 +20,7 @@ from learner.core import (
     CancelValidateException,
     Learner,
 )
+from learner.data import DataLoaders, TensorLoader
 
 __all__ = [
     "EVENTS",
@@ -29,11 +30,13 @@ __all__ = [
     "CancelFitException",
     "CancelTrainException",
     "CancelValidateException",
+    "DataLoaders",
     "DeviceCB",
     "Learner",
     "MetricsCB",
     "ProgressCB",
     "RecorderCB",
+    "TensorLoader",
     "TrainEvalCB",
     "accuracy",
     "default_device",

@@ -144,7 +144,8 @@ class Learner:
         self.dl: Any = None  # the loader of the running phase
         self.batch: Any = None
         self.preds: Any = None
-        self.loss: torch.Tensor | None = None
+        # Typed as a tensor so callbacks can call `learn.loss.item()`; set by get_loss.
+        self.loss: torch.Tensor = torch.full((), torch.nan)
         self.run_train, self.run_valid = True, True
         if default_cbs:
             from learner.callbacks import default_callbacks
@@ -344,7 +345,6 @@ class Learner:
 
     def backward(self) -> None:
         """`self.loss.backward()`."""
-        assert self.loss is not None
         self.loss.backward()
 
     def step(self) -> None:

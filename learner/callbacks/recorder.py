@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from learner.callbacks.metrics import epoch_summary
 from learner.core import Callback, Learner
@@ -17,7 +18,9 @@ __all__ = ["RecorderCB"]
 def _new_figure(n_axes: int = 1, width: float = 6.0) -> tuple[Figure, list[Any]]:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, n_axes, figsize=(width * n_axes, 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, n_axes, figsize=(width * n_axes, 4), squeeze=False, layout="constrained"
+    )
     # Closed figures are not auto-shown again at the end of a notebook cell (the returned
     # Figure is displayed once), and scripts that make many plots do not pile them up.
     plt.close(fig)
@@ -81,7 +84,7 @@ class RecorderCB(Callback):
     def after_batch(self, learn: Learner) -> None:
         if not learn.training:
             return
-        assert learn.loss is not None and learn.opt is not None
+        assert learn.opt is not None  # training batches run only once fit made one
         self._pending.append(learn.loss.detach())
         self.lrs.append(learn.opt.param_groups[0]["lr"])
 
@@ -136,6 +139,7 @@ class RecorderCB(Callback):
                 if not all(math.isnan(y) for y in ys):
                     ax.plot(epochs, ys, marker="o", label=name)
             ax.set(xlabel="epoch", title=names[0] if len(names) == 1 else "loss")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend()
         return fig
 
