@@ -159,6 +159,7 @@ class Learner:
             )
         for cb in cbs or ():
             self.add_cb(cb)
+        self._build_handlers()
 
     # -- callbacks -------------------------------------------------------------------------------
 

@@ -507,6 +507,15 @@ def test_failed_fit_does_not_touch_the_model(tiny: dict[str, Any]) -> None:
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+def test_bare_learner_without_callbacks(tiny: dict[str, Any]) -> None:
+    ref = make_model()
+    _hand_written(ref, tiny["dls"], lr=0.1, n_epochs=1)
+    learn = Learner(**tiny, default_cbs=False)
+    learn.fit(1)
+    for p, q in zip(learn.model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_dls_of_plain_iterables() -> None:
     """Any object with .train/.valid iterables of (x, y) works, e.g. generators made per epoch."""
     x, y = make_data(32)

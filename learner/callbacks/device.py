@@ -29,22 +29,25 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
         >>> to_device({"x": torch.ones(2), "n": 3}, "cpu")
         {'x': tensor([1., 1.]), 'n': 3}
     """
-    device = torch.device(device)
+    return _move(obj, torch.device(device))
+
+
+def _move(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, torch.Tensor):
+        if obj.device == device:  # the common case on one device: no dispatcher call at all
+            return obj
         # Host-to-device copies may overlap with compute; device-to-host ones must not (the host
         # would read memory before the copy lands).
         return obj.to(device, non_blocking=device.type == "cuda" and obj.device.type == "cpu")
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(to_device(o, device) for o in obj))
+        return type(obj)(*(_move(o, device) for o in obj))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(o, device) for o in obj)
+        return type(obj)([_move(o, device) for o in obj])
     if isinstance(obj, dict):
-        return type(obj)((k, to_device(v, device)) for k, v in obj.items())
+        return type(obj)((k, _move(v, device)) for k, v in obj.items())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         fields = {
-            f.name: to_device(getattr(obj, f.name), device)
-            for f in dataclasses.fields(obj)
-            if f.init
+            f.name: _move(getattr(obj, f.name), device) for f in dataclasses.fields(obj) if f.init
         }
         return dataclasses.replace(obj, **fields)
     return obj
@@ -71,4 +74,4 @@ class DeviceCB(Callback):
         learn.model.to(self.device)
 
     def before_batch(self, learn: Learner) -> None:
-        learn.batch = to_device(learn.batch, self.device)
+        learn.batch = _move(learn.batch, self.device)

@@ -115,7 +115,7 @@ class MetricsCB(Callback):
                     m.reset()
 
     def _add(self, name: str, value: Any, n: int) -> None:
-        value = torch.as_tensor(value).detach()
+        value = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
         total = self.sums.get(name)
         if total is None:
             # float64 sums keep the epoch value exact to ~1e-12 over millions of samples; mps has
