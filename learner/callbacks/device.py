@@ -39,6 +39,8 @@ def _move(obj: Any, device: torch.device) -> Any:
         # Host-to-device copies may overlap with compute; device-to-host ones must not (the host
         # would read memory before the copy lands).
         return obj.to(device, non_blocking=device.type == "cuda" and obj.device.type == "cpu")
+    if type(obj) is tuple:  # the usual (x, y) batch, before the slower general checks
+        return tuple([_move(o, device) for o in obj])
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
         return type(obj)(*(_move(o, device) for o in obj))
     if isinstance(obj, (list, tuple)):

@@ -35,8 +35,11 @@ def _metric_name(metric: Any) -> str:
 
 
 def _batch_size(batch: Any) -> int:
-    targets = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else batch[0]
-    return int(targets.shape[0]) if isinstance(targets, torch.Tensor) else len(targets)
+    try:
+        return int(batch[1].shape[0])  # the usual (x, y) batch of tensors
+    except (AttributeError, IndexError, TypeError):
+        targets = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else batch[0]
+        return len(targets)
 
 
 def _to_python(value: Any) -> Any:
@@ -107,28 +110,27 @@ class MetricsCB(Callback):
         self._reset(with_metrics=True)
 
     def _reset(self, with_metrics: bool) -> None:
-        self.with_metrics, self.count = with_metrics, 0
-        self.sums: dict[str, torch.Tensor] = {}
+        self.with_metrics = with_metrics
+        # Per batch: its size, and its loss and function-metric values left on the device; they
+        # are weighted and summed once per phase, so a batch costs two list appends.
+        self.counts: list[int] = []
+        names = ["loss"] + [
+            n for n, m in self.metrics.items() if with_metrics and not _is_stateful(m)
+        ]
+        self.batch_values: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         if with_metrics:
             for m in self.metrics.values():
                 if _is_stateful(m):
                     m.reset()
 
-    def _add(self, name: str, value: Any, n: int) -> None:
-        value = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-        total = self.sums.get(name)
-        if total is None:
-            # float64 sums keep the epoch value exact to ~1e-12 over millions of samples; mps has
-            # no float64.
-            dtype = torch.float32 if value.device.type == "mps" else torch.float64
-            self.sums[name] = value.to(dtype) * n
-        else:
-            total.add_(value, alpha=n)
+    @property
+    def count(self) -> int:
+        """Samples seen in the current phase."""
+        return sum(self.counts)
 
     def after_batch(self, learn: Learner) -> None:
-        n = _batch_size(learn.batch)
-        self.count += n
-        self._add("loss", learn.loss, n)
+        self.counts.append(_batch_size(learn.batch))
+        self.batch_values["loss"].append(learn.loss.detach())
         if not self.with_metrics:
             return
         preds, targets = learn.preds.detach(), learn.batch[1]
@@ -136,20 +138,33 @@ class MetricsCB(Callback):
             if _is_stateful(m):
                 m.update(preds, targets)
             else:
-                self._add(name, m(preds, targets), n)
+                value = m(preds, targets)
+                self.batch_values[name].append(
+                    value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value)
+                )
 
     def _compute(self) -> dict[str, Any]:
         names = ["loss", *self.metrics] if self.with_metrics else ["loss"]
-        if self.count == 0:
+        if not self.counts:
             return dict.fromkeys(names, math.nan)
-        # One host read for all the sums: stack them, then a single .tolist().
-        means = torch.stack(list(self.sums.values())).div_(self.count).tolist()
-        sums: dict[str, Any] = dict(zip(self.sums, means))
+        device = self.batch_values["loss"][0].device
+        # float64 keeps the weighted sum exact to ~1e-12 over millions of samples (mps has none).
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        weights = torch.tensor(self.counts, dtype=dtype, device=device)
+        per_batch = torch.stack(
+            [
+                torch.stack([v.to(device) for v in vals]).to(dtype)
+                for vals in self.batch_values.values()
+            ]
+        )
+        # One host read for every value of the phase.
+        means = (per_batch @ weights / weights.sum()).tolist()
+        out: dict[str, Any] = dict(zip(self.batch_values, means))
         if self.with_metrics:
             for name, m in self.metrics.items():
                 if _is_stateful(m):
-                    sums[name] = _to_python(m.compute())
-        return sums
+                    out[name] = _to_python(m.compute())
+        return {name: out[name] for name in names}
 
     def after_train(self, learn: Learner) -> None:
         self.values["train"] = self._compute()
