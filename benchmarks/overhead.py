@@ -14,13 +14,19 @@ Variants:
   recorder, progress) and `metrics=accuracy`.
 - `Learner, no progress`: the same without `ProgressCB`.
 
-Run: `LEARNER_DATA=../shared/data python benchmarks/overhead.py [--reps 5] [--epochs 2]`
+- `Lightning`, `fastai` (with `--lightning`, `--fastai`, when installed): the recipe as their
+  users write it, each with its default progress reporting and an accuracy metric.
+
+Run: `LEARNER_DATA=../shared/data python benchmarks/overhead.py [--reps 5] [--epochs 2]
+[--lightning] [--fastai]`
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import importlib.util
 import io
 import statistics
 import sys
@@ -103,11 +109,72 @@ def learner_fit(data: tuple[torch.Tensor, ...], epochs: int, progress: bool) -> 
     return float(learn.recorder.history[-1]["accuracy"])
 
 
+def lightning_fit(data: tuple[torch.Tensor, ...], epochs: int) -> float:
+    """The recipe as a Lightning user writes it: a LightningModule, torch DataLoaders, Trainer."""
+    import lightning as L
+
+    x, y, xv, yv = data
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = make_model()
+
+        def training_step(self, batch: list[torch.Tensor], i: int) -> torch.Tensor:
+            loss = F.cross_entropy(self.model(batch[0]), batch[1])
+            self.log("train_loss", loss, on_epoch=True, prog_bar=True)
+            return loss
+
+        def validation_step(self, batch: list[torch.Tensor], i: int) -> None:
+            preds = self.model(batch[0])
+            self.log("valid_loss", F.cross_entropy(preds, batch[1]), on_epoch=True)
+            self.log("accuracy", accuracy(preds, batch[1]), on_epoch=True)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=LR)
+
+    g = torch.Generator().manual_seed(1)
+    train = DataLoader(TensorDataset(x, y), batch_size=BS, shuffle=True, generator=g)
+    valid = DataLoader(TensorDataset(xv, yv), batch_size=2 * BS, generator=g)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    module = Module()
+    trainer.fit(module, train, valid)
+    return evaluate(module.model, valid)
+
+
+def fastai_fit(data: tuple[torch.Tensor, ...], epochs: int) -> float:
+    """The recipe as a fastai user writes it: `DataLoaders.from_dsets`, `Learner`, `fit`."""
+    from fastai.data.core import DataLoaders as FastaiDataLoaders
+    from fastai.learner import Learner as FastaiLearner
+    from fastai.metrics import accuracy as fastai_accuracy
+    from fastai.optimizer import SGD
+
+    x, y, xv, yv = data
+    dls = FastaiDataLoaders.from_dsets(
+        TensorDataset(x, y), TensorDataset(xv, yv), bs=BS, device=torch.device("cpu")
+    )
+    learn = FastaiLearner(
+        dls, make_model(), loss_func=F.cross_entropy, opt_func=SGD, metrics=fastai_accuracy
+    )
+    learn.fit(epochs, LR)
+    return float(learn.recorder.values[-1][-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--root", default=None, help="data root (default: $LEARNER_DATA)")
+    parser.add_argument("--lightning", action="store_true", help="add Lightning (if installed)")
+    parser.add_argument("--fastai", action="store_true", help="add fastai (if installed)")
     args = parser.parse_args()
     try:
         data = tuple(mnist(root=args.root, flatten=True, download=False))
@@ -121,12 +188,25 @@ def main() -> None:
         "Learner": lambda: learner_fit(data, args.epochs, progress=True),
         "Learner, no progress": lambda: learner_fit(data, args.epochs, progress=False),
     }
+    for flag, name, module, run in [
+        (args.lightning, "Lightning", "lightning", lightning_fit),
+        (args.fastai, "fastai", "fastai", fastai_fit),
+    ]:
+        if not flag:
+            continue
+        if importlib.util.find_spec(module) is None:
+            print(f"{name} is not installed (pip install {module}): left out.")
+        else:
+            variants[name] = functools.partial(run, data, args.epochs)
     times: dict[str, list[float]] = {k: [] for k in variants}
     accs: dict[str, float] = {}
     for _ in range(args.reps):
         for name, run in variants.items():
             # The Learner's table goes to a buffer: printing is not what is measured here.
-            with contextlib.redirect_stdout(io.StringIO()):
+            with (
+                contextlib.redirect_stdout(io.StringIO()),
+                contextlib.redirect_stderr(io.StringIO()),
+            ):
                 start = time.perf_counter()
                 accs[name] = run()
                 times[name].append(time.perf_counter() - start)
