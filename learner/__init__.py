@@ -3,6 +3,7 @@
 from learner.callbacks import (
     DeviceCB,
     MetricsCB,
+    MixedPrecisionCB,
     ProgressCB,
     RecorderCB,
     TrainEvalCB,
@@ -36,6 +37,7 @@ __all__ = [
     "DeviceCB",
     "Learner",
     "MetricsCB",
+    "MixedPrecisionCB",
     "ProgressCB",
     "RecorderCB",
     "TensorLoader",

@@ -6,6 +6,7 @@ from typing import Any
 
 from learner.callbacks.device import DeviceCB, default_device, to_device
 from learner.callbacks.metrics import MetricsCB, accuracy
+from learner.callbacks.mixed_precision import MixedPrecisionCB
 from learner.callbacks.progress import ProgressCB
 from learner.callbacks.recorder import RecorderCB
 from learner.callbacks.train_eval import TrainEvalCB
@@ -14,6 +15,7 @@ from learner.core import Callback
 __all__ = [
     "DeviceCB",
     "MetricsCB",
+    "MixedPrecisionCB",
     "ProgressCB",
     "RecorderCB",
     "TrainEvalCB",
