@@ -2,6 +2,7 @@
 
 from learner.callbacks import (
     DeviceCB,
+    GradClipCB,
     MetricsCB,
     MixedPrecisionCB,
     ProgressCB,
@@ -35,6 +36,7 @@ __all__ = [
     "CancelValidateException",
     "DataLoaders",
     "DeviceCB",
+    "GradClipCB",
     "Learner",
     "MetricsCB",
     "MixedPrecisionCB",
