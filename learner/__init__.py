@@ -2,6 +2,7 @@
 
 from learner.callbacks import (
     DeviceCB,
+    GradAccumCB,
     GradClipCB,
     MetricsCB,
     MixedPrecisionCB,
@@ -36,6 +37,7 @@ __all__ = [
     "CancelValidateException",
     "DataLoaders",
     "DeviceCB",
+    "GradAccumCB",
     "GradClipCB",
     "Learner",
     "MetricsCB",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from learner.callbacks.device import DeviceCB, default_device, to_device
+from learner.callbacks.grad_accum import GradAccumCB
 from learner.callbacks.grad_clip import GradClipCB
 from learner.callbacks.metrics import MetricsCB, accuracy
 from learner.callbacks.mixed_precision import MixedPrecisionCB
@@ -15,6 +16,7 @@ from learner.core import Callback
 
 __all__ = [
     "DeviceCB",
+    "GradAccumCB",
     "GradClipCB",
     "MetricsCB",
     "MixedPrecisionCB",
