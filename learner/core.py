@@ -344,8 +344,9 @@ class Learner:
             return
         self.callback("before_backward")
         self.backward()
-        # The step has no cleanup_step: a cancelled step leaves nothing to restore, and keeping
-        # the gradients is the point of cancelling it. So after_step means "the optimizer stepped".
+        # A cancelled step skips step, after_step and zero_grad, keeping the gradients (to
+        # accumulate them), so after_step fires only when the optimizer stepped. There is no
+        # cleanup_step: a cancelled step leaves nothing to restore.
         try:
             self.callback("after_backward")
             self.callback("before_step")
