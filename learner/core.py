@@ -28,6 +28,7 @@ __all__ = [
     "CancelBatchException",
     "CancelEpochException",
     "CancelFitException",
+    "CancelStepException",
     "CancelTrainException",
     "CancelValidateException",
     "Learner",
@@ -54,16 +55,25 @@ class CancelBatchException(Exception):
     """Raise from a callback to skip the rest of the current batch (nothing is recorded for it)."""
 
 
+class CancelStepException(Exception):
+    """Raise at `after_backward` or `before_step` to skip this batch's optimizer step.
+
+    `step`, `after_step` and `zero_grad` do not run, so the gradients are kept (to accumulate over
+    batches); the batch is otherwise complete: `after_batch` runs and the batch is recorded. To
+    skip the step and drop the gradients too, call `learn.zero_grad()` before raising.
+    """
+
+
 _CANCELS = (CancelFitException, CancelEpochException, CancelTrainException,
-            CancelValidateException, CancelBatchException)  # fmt: skip
+            CancelValidateException, CancelBatchException, CancelStepException)  # fmt: skip
 
 # Every event a callback may implement, in the order they first fire. A callback method that looks
 # like an event but is not in this tuple is a typo, and rejected when the callback is added.
 EVENTS = (
     "before_fit", "before_epoch", "before_train", "before_batch", "after_predict", "after_loss",
-    "after_backward", "after_step", "after_batch", "cleanup_batch", "after_train", "cleanup_train",
-    "before_validate", "after_validate", "cleanup_validate", "after_epoch", "cleanup_epoch",
-    "after_fit", "cleanup_fit",
+    "before_backward", "after_backward", "before_step", "after_step", "after_batch",
+    "cleanup_batch", "after_train", "cleanup_train", "before_validate", "after_validate",
+    "cleanup_validate", "after_epoch", "cleanup_epoch", "after_fit", "cleanup_fit",
 )  # fmt: skip
 
 
@@ -146,6 +156,9 @@ class Learner:
         self.preds: Any = None
         # Typed as a tensor so callbacks can call `learn.loss.item()`; set by get_loss.
         self.loss: torch.Tensor = torch.full((), torch.nan)
+        # What `backward` differentiates: `loss` unless a callback replaces it at before_backward
+        # (scaled for fp16, divided for accumulation) while `loss` stays the true loss.
+        self.loss_grad: torch.Tensor = self.loss
         self.run_train, self.run_valid = True, True
         if default_cbs:
             from learner.callbacks import default_callbacks
@@ -325,14 +338,23 @@ class Learner:
                 f"{describe(self.batch[1:])}."
             )
             raise
+        self.loss_grad = self.loss
         self.callback("after_loss")
         if not self.training:
             return
+        self.callback("before_backward")
         self.backward()
-        self.callback("after_backward")
-        self.step()
-        self.callback("after_step")
-        self.zero_grad()
+        # A cancelled step skips step, after_step and zero_grad, keeping the gradients (to
+        # accumulate them), so after_step fires only when the optimizer stepped. There is no
+        # cleanup_step: a cancelled step leaves nothing to restore.
+        try:
+            self.callback("after_backward")
+            self.callback("before_step")
+            self.step()
+            self.callback("after_step")
+            self.zero_grad()
+        except CancelStepException:
+            pass
 
     # -- training steps: override in a subclass to change how a batch is processed --------------
 
@@ -345,8 +367,8 @@ class Learner:
         self.loss = self.loss_func(self.preds, self.batch[1])
 
     def backward(self) -> None:
-        """`self.loss.backward()`."""
-        self.loss.backward()
+        """`self.loss_grad.backward()` (`loss_grad` is `loss` unless a callback replaced it)."""
+        self.loss_grad.backward()
 
     def step(self) -> None:
         """`self.opt.step()`."""

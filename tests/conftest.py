@@ -50,3 +50,46 @@ def tiny() -> dict[str, Any]:
         lr=0.1,
         opt_func=torch.optim.SGD,
     )
+
+
+class StubScaler:
+    """A fake `torch.amp.GradScaler` that records its calls in `log`.
+
+    It scales by a power of two, so scaling and unscaling are exact, and reports inf/nan gradients
+    at the unscales numbered in `inf_at` (0-based): its `step` then does not call `opt.step()`.
+    """
+
+    def __init__(
+        self, factor: float = 1024.0, inf_at: tuple[int, ...] = (), log: list[str] | None = None
+    ) -> None:
+        self.factor, self.inf_at = factor, set(inf_at)
+        self.log = [] if log is None else log
+        self.n_unscales, self.found_inf = 0, False
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        self.log.append("scale")
+        return loss * self.factor
+
+    def unscale_(self, opt: Any) -> None:
+        self.log.append("unscale_")
+        with torch.no_grad():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad /= self.factor
+        self.found_inf = self.n_unscales in self.inf_at
+        self.n_unscales += 1
+
+    def step(self, opt: Any) -> None:
+        self.log.append("step")
+        if not self.found_inf:
+            opt.step()
+
+    def update(self) -> None:
+        self.log.append("update")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"factor": self.factor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.factor = state["factor"]

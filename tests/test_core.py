@@ -18,6 +18,7 @@ from learner import (
     CancelBatchException,
     CancelEpochException,
     CancelFitException,
+    CancelStepException,
     CancelTrainException,
     CancelValidateException,
     Learner,
@@ -32,7 +33,9 @@ CANCELS = {
     "train": CancelTrainException,
     "validate": CancelValidateException,
     "batch": CancelBatchException,
+    "step": CancelStepException,
 }
+LEVELS_WITH_CLEANUP = ["fit", "epoch", "train", "validate", "batch"]
 
 
 class TraceCB(Callback):
@@ -107,9 +110,16 @@ def expected_trace(
     def batch(training: bool) -> None:
         ev("after_predict")
         ev("after_loss")
-        if training:
+        if not training:
+            return
+        ev("before_backward")
+        try:  # the step level: it has no before_/cleanup_ of its own
             ev("after_backward")
+            ev("before_step")
             ev("after_step")
+        except Cancel as c:
+            if c.args[0] != "step":
+                raise
 
     def phase(training: bool, n: int) -> None:
         for _ in range(n):
@@ -138,7 +148,15 @@ def test_event_sequence_is_exactly_the_documented_one(tiny: dict[str, Any]) -> N
     trace = TraceCB()
     learn.fit(2, cbs=[trace])
     batch = ["before_batch", "after_predict", "after_loss"]
-    train_batch = [*batch, "after_backward", "after_step", "after_batch", "cleanup_batch"]
+    train_batch = [
+        *batch,
+        "before_backward",
+        "after_backward",
+        "before_step",
+        "after_step",
+        "after_batch",
+        "cleanup_batch",
+    ]
     valid_batch = [*batch, "after_batch", "cleanup_batch"]
     epoch = [
         "before_epoch",
@@ -220,6 +238,54 @@ def test_cancel_semantics_by_hand(tiny: dict[str, Any]) -> None:
     assert trace.trace == ["before_fit", "before_epoch", "cleanup_epoch", "cleanup_fit"]
 
 
+@pytest.mark.parametrize("event", ["after_backward", "before_step"])
+def test_cancel_step_keeps_grads_and_records_the_batch(tiny: dict[str, Any], event: str) -> None:
+    """Cancelling the first batch's step: no step, no after_step, no zero_grad, so the second
+    batch steps on the sum of both gradients; both batches are recorded."""
+    ref = make_model()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    ref_losses = []
+    for xb, yb in tiny["dls"].train:
+        loss = F.cross_entropy(ref(xb), yb)
+        loss.backward()
+        ref_losses.append(loss.item())
+    opt.step()
+
+    learn = Learner(**tiny)
+    trace = TraceCB()
+    learn.fit(1, valid=False, cbs=[trace, RaiseCB(event, CancelStepException())])
+    first = trace.trace[: trace.trace.index("cleanup_batch") + 1]
+    assert first[-3:] == [event, "after_batch", "cleanup_batch"]
+    assert trace.trace.count("after_step") == 1 and trace.trace.count("after_batch") == 2
+    assert learn.recorder.losses == ref_losses
+    for p, q in zip(learn.model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_loss_grad_is_what_backward_differentiates(tiny: dict[str, Any]) -> None:
+    """A callback replacing `loss_grad` changes the gradients; `loss` (recorded) stays true."""
+
+    class DoubleCB(Callback):
+        def before_backward(self, learn: Learner) -> None:
+            assert learn.loss_grad is learn.loss
+            learn.loss_grad = learn.loss_grad * 2
+
+    ref = make_model()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    ref_losses = []
+    for xb, yb in tiny["dls"].train:
+        loss = F.cross_entropy(ref(xb), yb)
+        (loss * 2).backward()
+        opt.step()
+        opt.zero_grad()
+        ref_losses.append(loss.item())
+    learn = Learner(**tiny, cbs=[DoubleCB()])
+    learn.fit(1, valid=False)
+    assert learn.recorder.losses == ref_losses
+    for p, q in zip(learn.model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("event", EVENTS)
 @pytest.mark.parametrize("exc_type", [ValueError, KeyboardInterrupt])
 def test_error_at_every_event(tiny: dict[str, Any], event: str, exc_type: type) -> None:
@@ -245,7 +311,7 @@ def test_every_cleanup_runs_even_if_one_fails(tiny: dict[str, Any]) -> None:
 
 
 def _check_cleanups_balanced(trace: list[str]) -> None:
-    for lvl in CANCELS:
+    for lvl in LEVELS_WITH_CLEANUP:
         assert trace.count(f"before_{lvl}") == trace.count(f"cleanup_{lvl}"), lvl
 
 
@@ -292,7 +358,7 @@ def test_access_by_name(tiny: dict[str, Any]) -> None:
         learn.grad_norm_logger  # noqa: B018
 
 
-@pytest.mark.parametrize("typo", ["before_batc", "befor_batch", "after_epochs", "before_step"])
+@pytest.mark.parametrize("typo", ["before_batc", "befor_batch", "after_epochs", "before_stpe"])
 def test_typoed_event_names_are_rejected(tiny: dict[str, Any], typo: str) -> None:
     cls = type("TypoCB", (Callback,), {typo: lambda self, learn: None})
     with pytest.raises(ValueError, match=typo):

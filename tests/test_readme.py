@@ -33,3 +33,15 @@ def test_callback_example_runs(tiny: dict[str, Any]) -> None:
     assert len(learn.recorder.losses) == 6  # 3 epochs of 2 batches: 100 is never reached
     learn.fit(3, cbs=[scope["StopAfterCB"](3)])
     assert len(learn.recorder.losses) == 6 + 3
+
+
+def test_mixed_precision_example_runs(tiny: dict[str, Any]) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    block = next(b for b in BLOCKS if "GradAccumCB(4)" in b)
+    scope: dict[str, Any] = {"model": tiny["model"], "dls": tiny["dls"], "F": F, "torch": torch}
+    exec(block, scope)
+    learn = scope["learn"]
+    assert learn.mixed_precision.dtype == torch.bfloat16
+    assert len(learn.recorder.losses) == 2 and learn.grad_clip.total_norm is not None

@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from learner.callbacks.device import DeviceCB, default_device, to_device
+from learner.callbacks.grad_accum import GradAccumCB
+from learner.callbacks.grad_clip import GradClipCB
 from learner.callbacks.metrics import MetricsCB, accuracy
+from learner.callbacks.mixed_precision import MixedPrecisionCB
 from learner.callbacks.progress import ProgressCB
 from learner.callbacks.recorder import RecorderCB
 from learner.callbacks.train_eval import TrainEvalCB
@@ -13,7 +16,10 @@ from learner.core import Callback
 
 __all__ = [
     "DeviceCB",
+    "GradAccumCB",
+    "GradClipCB",
     "MetricsCB",
+    "MixedPrecisionCB",
     "ProgressCB",
     "RecorderCB",
     "TrainEvalCB",

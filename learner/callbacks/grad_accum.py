@@ -1,0 +1,115 @@
+"""Accumulating gradients over several batches before each optimizer step."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from learner.callbacks.metrics import _batch_size
+from learner.core import Callback, CancelStepException, Learner
+
+__all__ = ["GradAccumCB"]
+
+
+class GradAccumCB(Callback):
+    """Steps the optimizer once every `n_batches` training batches, on their summed gradients.
+
+    Each step uses the gradient of the mean loss over exactly the samples of its group of
+    batches, as if they had been one batch: 4 accumulated batches of 16 give the gradient of one
+    batch of 64. To get there, each batch's `learn.loss_grad` is weighted by its share of a full
+    group, `batch_size / (n_batches * first_batch_size)` (that is `1 / n_batches` for equal
+    batches). When a group ends up holding a different number of samples (the leftover batches at
+    the end of an epoch, a smaller last batch), its summed gradients are rescaled once, at its
+    step, to its real sample count. This relies on `loss_func` returning the batch mean, the
+    Learner's convention.
+
+    The last training batch of each epoch closes its group, so leftover batches are stepped: never
+    dropped, never carried into the next epoch. That needs `len()` of the training loader. A
+    training phase that ends with a group still open (cancelled or failed mid-group, its last batch
+    cancelled, or a loader yielding fewer batches than its `len()`) drops that group's gradients,
+    with a warning when the phase itself completed.
+
+    `learn.loss`, and so the recorded loss, stays each batch's own loss. `after_step` (where a
+    scheduler advances) fires once per group.
+
+    Events: `before_fit`, `before_train`, `before_backward`, `before_step`, `after_train`,
+    `cleanup_train`. Order: 5 (before MixedPrecisionCB, 10, so that batches that do not step are
+    not unscaled, and before GradClipCB, 15, so that only the summed gradients are clipped).
+
+    Args:
+        n_batches: batches per optimizer step, >= 1.
+
+    Example:
+        >>> # batches of 16, stepped as batches of 64
+        >>> learn = Learner(model, dls, F.cross_entropy, cbs=[GradAccumCB(4)])
+        >>> learn.fit(1)
+    """
+
+    order = 5
+
+    def __init__(self, n_batches: int) -> None:
+        if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
+            raise ValueError(f"GradAccumCB n_batches must be an int >= 1, got {n_batches!r}.")
+        self.n_batches = n_batches
+        self.n_iters = 0  # batches in this epoch's training loader
+        self._reset()
+
+    def _reset(self) -> None:
+        self.count = 0  # batches accumulated in the open group
+        self.samples = 0  # samples accumulated in the open group
+        self.full = 0  # samples in a full group: what each batch's weight assumed
+
+    def before_fit(self, learn: Learner) -> None:
+        if not learn.run_train:
+            return
+        try:
+            len(learn.dls.train)
+        except TypeError:
+            raise TypeError(
+                f"GradAccumCB needs len() of the training loader to step the leftover batches "
+                f"at the end of each epoch, and {type(learn.dls.train).__name__} has none. Give it "
+                "a __len__ (a DataLoader over a map-style dataset has one)."
+            ) from None
+
+    def before_train(self, learn: Learner) -> None:
+        self.n_iters = len(learn.dl)
+        self._reset()
+
+    def before_backward(self, learn: Learner) -> None:
+        bs = _batch_size(learn.batch)
+        if self.count == 0:
+            self.full = self.n_batches * bs
+        self.count += 1
+        self.samples += bs
+        learn.loss_grad = learn.loss_grad * (bs / self.full)
+
+    def before_step(self, learn: Learner) -> None:
+        if self.count < self.n_batches and learn.iter < self.n_iters - 1:
+            raise CancelStepException()  # keep accumulating
+        if self.samples != self.full:
+            # Weights summed to samples / full, not 1: rescale to the group's own mean loss.
+            with torch.no_grad():
+                for p in learn.model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(self.full / self.samples)
+        self._reset()
+
+    def after_train(self, learn: Learner) -> None:
+        if self.count:
+            warnings.warn(
+                f"GradAccumCB: the training phase ended with {self.count} batch(es) accumulated "
+                "but not stepped (its last batch was cancelled, or the loader yielded another "
+                "number of batches than its len()); their gradients are dropped.",
+                stacklevel=2,
+            )
+            self._drop(learn)
+
+    def cleanup_train(self, learn: Learner) -> None:
+        # Cancelled or failed mid-group: never carry its gradients into the next phase.
+        if self.count:
+            self._drop(learn)
+
+    def _drop(self, learn: Learner) -> None:
+        learn.zero_grad()
+        self._reset()
