@@ -346,7 +346,8 @@ class Learner:
         self.backward()
         # A cancelled step skips step, after_step and zero_grad, keeping the gradients (to
         # accumulate them), so after_step fires only when the optimizer stepped. There is no
-        # cleanup_step: a cancelled step leaves nothing to restore.
+        # cleanup_step: a cancelled step leaves nothing to restore. A batch cancelled after its
+        # backward pass drops its gradients, so a skipped batch never reaches the weights.
         try:
             self.callback("after_backward")
             self.callback("before_step")
@@ -355,6 +356,9 @@ class Learner:
             self.zero_grad()
         except CancelStepException:
             pass
+        except CancelBatchException:
+            self.zero_grad()
+            raise
 
     # -- training steps: override in a subclass to change how a batch is processed --------------
 

@@ -444,6 +444,21 @@ def test_second_fit_continues_and_lr_changes_the_optimizer(tiny: dict[str, Any])
     assert learn.lr == 0.01 and all(g["lr"] == 0.01 for g in opt.param_groups)  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("event", ["after_backward", "before_step"])
+def test_batch_cancelled_after_backward_never_reaches_the_weights(
+    tiny: dict[str, Any], event: str
+) -> None:
+    ref = make_model()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    xb, yb = tiny["dls"].train[1]  # only the second batch trains
+    F.cross_entropy(ref(xb), yb).backward()
+    opt.step()
+    learn = Learner(**tiny, cbs=[RaiseCB(event, CancelBatchException())])
+    learn.fit(1, valid=False)
+    for p, q in zip(learn.model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_training_steps_are_overridable(tiny: dict[str, Any]) -> None:
     """A momentum learner from the course: zero_grad keeps a fraction of the gradient."""
 
