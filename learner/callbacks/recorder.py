@@ -47,8 +47,8 @@ class RecorderCB(Callback):
     Records accumulate across `fit` calls (a second fit continues the curves); `reset()` clears
     them. Plots return a matplotlib Figure: save it in a script, or let a notebook show it.
 
-    Events: `before_train`, `after_batch`, `after_train`, `after_epoch`. Order: -5 (after
-    MetricsCB, before callbacks that read the history).
+    Events: `after_batch`, `after_train`, `after_epoch`. Order: -5 (after MetricsCB, before
+    callbacks that read the history).
 
     Example:
         >>> learn.fit(3)
