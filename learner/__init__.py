@@ -21,6 +21,7 @@ from learner.core import (
     Learner,
 )
 from learner.data import DataLoaders, TensorLoader
+from learner.hooks import Hook, Hooks, find_modules
 
 __all__ = [
     "EVENTS",
@@ -32,6 +33,8 @@ __all__ = [
     "CancelValidateException",
     "DataLoaders",
     "DeviceCB",
+    "Hook",
+    "Hooks",
     "Learner",
     "MetricsCB",
     "ProgressCB",
@@ -40,6 +43,7 @@ __all__ = [
     "TrainEvalCB",
     "accuracy",
     "default_device",
+    "find_modules",
     "to_device",
 ]
 __version__ = "0.1.0"
