@@ -1,6 +1,7 @@
 """learner: a small, callback-based training loop for PyTorch."""
 
 from learner.callbacks import (
+    ActivationStatsCB,
     DeviceCB,
     MetricsCB,
     ProgressCB,
@@ -25,6 +26,7 @@ from learner.hooks import Hook, Hooks, find_modules
 
 __all__ = [
     "EVENTS",
+    "ActivationStatsCB",
     "Callback",
     "CancelBatchException",
     "CancelEpochException",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from learner.callbacks.activation_stats import ActivationStatsCB
 from learner.callbacks.device import DeviceCB, default_device, to_device
 from learner.callbacks.metrics import MetricsCB, accuracy
 from learner.callbacks.progress import ProgressCB
@@ -12,6 +13,7 @@ from learner.callbacks.train_eval import TrainEvalCB
 from learner.core import Callback
 
 __all__ = [
+    "ActivationStatsCB",
     "DeviceCB",
     "MetricsCB",
     "ProgressCB",

@@ -15,16 +15,24 @@ from learner.core import Callback, Learner
 __all__ = ["RecorderCB"]
 
 
-def _new_figure(n_axes: int = 1, width: float = 6.0) -> tuple[Figure, list[Any]]:
+def _new_figure(
+    n_axes: int = 1, width: float = 6.0, height: float = 4.0, ncols: int | None = None
+) -> tuple[Figure, list[Any]]:
+    """A Figure with `n_axes` axes of `width` x `height` inches, `ncols` to a row (default all)."""
     import matplotlib.pyplot as plt
 
+    ncols = n_axes if ncols is None else max(1, min(ncols, n_axes))
+    nrows = -(-n_axes // ncols)
     fig, axes = plt.subplots(
-        1, n_axes, figsize=(width * n_axes, 4), squeeze=False, layout="constrained"
+        nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, layout="constrained"
     )
     # Closed figures are not auto-shown again at the end of a notebook cell (the returned
     # Figure is displayed once), and scripts that make many plots do not pile them up.
     plt.close(fig)
-    return fig, list(axes[0])
+    flat = list(axes.flat)
+    for ax in flat[n_axes:]:  # the unused end of a last, partly filled row
+        ax.remove()
+    return fig, flat[:n_axes]
 
 
 def smooth(values: list[float], beta: float = 0.98) -> list[float]:
