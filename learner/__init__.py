@@ -2,6 +2,7 @@
 
 from learner.callbacks import (
     ActivationStatsCB,
+    CSVLoggerCB,
     DeviceCB,
     MetricsCB,
     ProgressCB,
@@ -27,6 +28,7 @@ from learner.hooks import Hook, Hooks, find_modules
 __all__ = [
     "EVENTS",
     "ActivationStatsCB",
+    "CSVLoggerCB",
     "Callback",
     "CancelBatchException",
     "CancelEpochException",

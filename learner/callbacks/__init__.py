@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from learner.callbacks.activation_stats import ActivationStatsCB
+from learner.callbacks.csv_logger import CSVLoggerCB
 from learner.callbacks.device import DeviceCB, default_device, to_device
 from learner.callbacks.metrics import MetricsCB, accuracy
 from learner.callbacks.progress import ProgressCB
@@ -14,6 +15,7 @@ from learner.core import Callback
 
 __all__ = [
     "ActivationStatsCB",
+    "CSVLoggerCB",
     "DeviceCB",
     "MetricsCB",
     "ProgressCB",

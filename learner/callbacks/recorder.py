@@ -12,7 +12,7 @@ from matplotlib.ticker import MaxNLocator
 from learner.callbacks.metrics import epoch_summary
 from learner.core import Callback, Learner
 
-__all__ = ["RecorderCB"]
+__all__ = ["RecorderCB", "find_recorder"]
 
 
 def _new_figure(
@@ -154,3 +154,14 @@ class RecorderCB(Callback):
 
 def _num(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def find_recorder(learn: Learner, user: str) -> RecorderCB:
+    """The learner's `RecorderCB`, or a clear error naming `user`, which needs it."""
+    recorder = next((c for c in learn.cbs if isinstance(c, RecorderCB)), None)
+    if recorder is None:
+        raise ValueError(
+            f"{user} reads learn.recorder: add a RecorderCB() to the learner's callbacks "
+            "(the default callbacks include one)."
+        )
+    return recorder
