@@ -10,6 +10,7 @@ from learner.callbacks.device import DeviceCB, default_device, to_device
 from learner.callbacks.metrics import MetricsCB, accuracy
 from learner.callbacks.progress import ProgressCB
 from learner.callbacks.recorder import RecorderCB
+from learner.callbacks.tensorboard import TensorBoardCB
 from learner.callbacks.train_eval import TrainEvalCB
 from learner.core import Callback
 
@@ -20,6 +21,7 @@ __all__ = [
     "MetricsCB",
     "ProgressCB",
     "RecorderCB",
+    "TensorBoardCB",
     "TrainEvalCB",
     "accuracy",
     "default_callbacks",
