@@ -182,6 +182,15 @@ def test_a_layer_returning_a_tuple_is_recorded_by_its_first_output() -> None:
     learn.fit(1)
     _check(stats, 0, [X0, X1])
 
+    class Named(nn.Module):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"x": x}
+
+    learn.model = nn.Sequential(Named(), nn.Linear(2, 2))  # the hook fails before the Linear
+    stats = ActivationStatsCB(Named)
+    with pytest.raises(TypeError, match="can only watch layers that output a tensor"):
+        learn.fit(1, cbs=[stats])
+
 
 class RaiseAt(Callback):
     def __init__(self, event: str, when: Any = lambda learn: True) -> None:
