@@ -1,6 +1,8 @@
 """learner: a small, callback-based training loop for PyTorch."""
 
 from learner.callbacks import (
+    ActivationStatsCB,
+    CSVLoggerCB,
     DeviceCB,
     GradAccumCB,
     GradClipCB,
@@ -8,6 +10,7 @@ from learner.callbacks import (
     MixedPrecisionCB,
     ProgressCB,
     RecorderCB,
+    TensorBoardCB,
     TrainEvalCB,
     accuracy,
     default_device,
@@ -25,9 +28,12 @@ from learner.core import (
     Learner,
 )
 from learner.data import DataLoaders, TensorLoader
+from learner.hooks import Hook, Hooks, find_modules
 
 __all__ = [
     "EVENTS",
+    "ActivationStatsCB",
+    "CSVLoggerCB",
     "Callback",
     "CancelBatchException",
     "CancelEpochException",
@@ -39,15 +45,19 @@ __all__ = [
     "DeviceCB",
     "GradAccumCB",
     "GradClipCB",
+    "Hook",
+    "Hooks",
     "Learner",
     "MetricsCB",
     "MixedPrecisionCB",
     "ProgressCB",
     "RecorderCB",
+    "TensorBoardCB",
     "TensorLoader",
     "TrainEvalCB",
     "accuracy",
     "default_device",
+    "find_modules",
     "to_device",
 ]
 __version__ = "0.1.0"

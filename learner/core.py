@@ -383,3 +383,18 @@ class Learner:
         """`self.opt.zero_grad()`."""
         assert self.opt is not None
         self.opt.zero_grad()
+
+    # -- looking inside: kept in learner/inspect.py, so the loop above stays short ----------------
+
+    def show_training_loop(self) -> str:
+        """Print (and return) each event in order with the callbacks that run at it."""
+        from learner.inspect import show_training_loop
+
+        return show_training_loop(self)
+
+    def summary(self) -> str:
+        """Print (and return) each top-level layer's output shape for one batch, its parameter
+        count and whether it trains; see `learner.inspect.summary`."""
+        from learner.inspect import summary
+
+        return summary(self)

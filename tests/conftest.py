@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -93,3 +94,23 @@ class StubScaler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.factor = state["factor"]
+
+
+HOST_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+def count_host_syncs(monkeypatch: pytest.MonkeyPatch, run: Callable[[], Any]) -> int:
+    """How many times `run()` reads a tensor's value on the host (each one a device sync on a GPU).
+    Use SGD: torch's single-tensor Adam itself calls .item() every step."""
+    count = [0]
+    with monkeypatch.context() as m:
+        for name in HOST_SYNCS:
+            original = getattr(torch.Tensor, name)
+
+            def counting(self: torch.Tensor, *args: Any, _o: Any = original, **kw: Any) -> Any:
+                count[0] += 1
+                return _o(self, *args, **kw)
+
+            m.setattr(torch.Tensor, name, counting)
+        run()
+    return count[0]

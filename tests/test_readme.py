@@ -45,3 +45,18 @@ def test_mixed_precision_example_runs(tiny: dict[str, Any]) -> None:
     learn = scope["learn"]
     assert learn.mixed_precision.dtype == torch.bfloat16
     assert len(learn.recorder.losses) == 2 and learn.grad_clip.total_norm is not None
+
+
+def test_seeing_inside_training_runs(
+    tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from learner import Learner
+
+    monkeypatch.chdir(tmp_path)
+    block = next(b for b in BLOCKS if "ActivationStatsCB" in b)
+    scope: dict[str, Any] = {"learn": Learner(**tiny)}
+    exec(block, scope)
+    assert "before_fit" in capsys.readouterr().out
+    assert len(scope["stats"].means[0]) == 2  # the ReLU, at each of the 2 training batches
+    for name in ("history.csv", "stats.png", "color_dim.png", "dead.png"):
+        assert (tmp_path / name).stat().st_size > 0

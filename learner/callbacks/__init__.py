@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from learner.callbacks.activation_stats import ActivationStatsCB
+from learner.callbacks.csv_logger import CSVLoggerCB
 from learner.callbacks.device import DeviceCB, default_device, to_device
 from learner.callbacks.grad_accum import GradAccumCB
 from learner.callbacks.grad_clip import GradClipCB
@@ -11,10 +13,13 @@ from learner.callbacks.metrics import MetricsCB, accuracy
 from learner.callbacks.mixed_precision import MixedPrecisionCB
 from learner.callbacks.progress import ProgressCB
 from learner.callbacks.recorder import RecorderCB
+from learner.callbacks.tensorboard import TensorBoardCB
 from learner.callbacks.train_eval import TrainEvalCB
 from learner.core import Callback
 
 __all__ = [
+    "ActivationStatsCB",
+    "CSVLoggerCB",
     "DeviceCB",
     "GradAccumCB",
     "GradClipCB",
@@ -22,6 +27,7 @@ __all__ = [
     "MixedPrecisionCB",
     "ProgressCB",
     "RecorderCB",
+    "TensorBoardCB",
     "TrainEvalCB",
     "accuracy",
     "default_callbacks",

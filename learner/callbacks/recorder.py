@@ -12,19 +12,27 @@ from matplotlib.ticker import MaxNLocator
 from learner.callbacks.metrics import epoch_summary
 from learner.core import Callback, Learner
 
-__all__ = ["RecorderCB"]
+__all__ = ["RecorderCB", "find_recorder"]
 
 
-def _new_figure(n_axes: int = 1, width: float = 6.0) -> tuple[Figure, list[Any]]:
+def _new_figure(
+    n_axes: int = 1, width: float = 6.0, height: float = 4.0, ncols: int | None = None
+) -> tuple[Figure, list[Any]]:
+    """A Figure with `n_axes` axes of `width` x `height` inches, `ncols` to a row (default all)."""
     import matplotlib.pyplot as plt
 
+    ncols = n_axes if ncols is None else max(1, min(ncols, n_axes))
+    nrows = -(-n_axes // ncols)
     fig, axes = plt.subplots(
-        1, n_axes, figsize=(width * n_axes, 4), squeeze=False, layout="constrained"
+        nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, layout="constrained"
     )
     # Closed figures are not auto-shown again at the end of a notebook cell (the returned
     # Figure is displayed once), and scripts that make many plots do not pile them up.
     plt.close(fig)
-    return fig, list(axes[0])
+    flat = list(axes.flat)
+    for ax in flat[n_axes:]:  # the unused end of a last, partly filled row
+        ax.remove()
+    return fig, flat[:n_axes]
 
 
 def smooth(values: list[float], beta: float = 0.98) -> list[float]:
@@ -47,8 +55,8 @@ class RecorderCB(Callback):
     Records accumulate across `fit` calls (a second fit continues the curves); `reset()` clears
     them. Plots return a matplotlib Figure: save it in a script, or let a notebook show it.
 
-    Events: `before_train`, `after_batch`, `after_train`, `after_epoch`. Order: -5 (after
-    MetricsCB, before callbacks that read the history).
+    Events: `after_batch`, `after_train`, `after_epoch`. Order: -5 (after MetricsCB, before
+    callbacks that read the history).
 
     Example:
         >>> learn.fit(3)
@@ -146,3 +154,14 @@ class RecorderCB(Callback):
 
 def _num(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def find_recorder(learn: Learner, user: str) -> RecorderCB:
+    """The learner's `RecorderCB`, or a clear error naming `user`, which needs it."""
+    recorder = next((c for c in learn.cbs if isinstance(c, RecorderCB)), None)
+    if recorder is None:
+        raise ValueError(
+            f"{user} reads learn.recorder: add a RecorderCB() to the learner's callbacks "
+            "(the default callbacks include one)."
+        )
+    return recorder

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import functools
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import batches, make_data, make_model
+from conftest import batches, count_host_syncs, make_data, make_model
 
 from learner import Callback, CancelBatchException, Learner, MetricsCB, accuracy
 
@@ -107,27 +106,12 @@ def test_metric_names_and_bad_metrics() -> None:
         MetricsCB(accuracy, accuracy)
 
 
-_SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
-
-
 def _count_syncs(monkeypatch: pytest.MonkeyPatch, n_batches: int) -> int:
-    """Host reads of tensor values during one fit with `n_batches` per phase (SGD: torch's
-    single-tensor Adam itself calls .item() every step, which is not ours to avoid)."""
+    """Host reads of tensor values during one fit with `n_batches` per phase."""
     x, y = make_data(n_batches * 4, seed=7)
     dls = SimpleNamespace(train=batches(x, y, 4), valid=batches(x, y, 4))
     learn = Learner(make_model(), dls, F.cross_entropy, metrics=accuracy, opt_func=torch.optim.SGD)
-    count = [0]
-    with monkeypatch.context() as m:
-        for name in _SYNCING:
-            original = getattr(torch.Tensor, name)
-
-            def counting(self: torch.Tensor, *args: Any, _o: Any = original, **kw: Any) -> Any:
-                count[0] += 1
-                return _o(self, *args, **kw)
-
-            m.setattr(torch.Tensor, name, counting)
-        learn.fit(2)
-    return count[0]
+    return count_host_syncs(monkeypatch, lambda: learn.fit(2))
 
 
 def test_no_host_sync_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,91 @@
+"""Writing the per-epoch history to a CSV file, one row per epoch, safe against crashes."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+from learner.callbacks.recorder import RecorderCB, find_recorder
+from learner.core import Callback, Learner
+
+__all__ = ["CSVLoggerCB"]
+
+
+class CSVLoggerCB(Callback):
+    """Appends each epoch's row of `learn.recorder.history` to a CSV file as the epoch ends.
+
+    The columns are the history's keys (`epoch`, `train_loss`, `valid_loss`, each metric), the
+    header is written once, and values are written in full precision (`None` as an empty cell).
+    Each row is flushed and synced to disk when its epoch ends, so a run that crashes or is killed
+    keeps every completed epoch. Rows are written at `cleanup_epoch`, which runs whatever happened,
+    so a callback cancelling at `after_epoch` cannot make a recorded epoch go missing.
+
+    With `append=False` the file is started afresh at the first fit; later fits of the same
+    callback keep adding to it, like the recorder's history. With `append=True` rows are added to
+    an existing file (resuming a run) whose header must match the history's keys.
+
+    Args:
+        path: the CSV file; missing parent folders are created.
+        append: add to an existing file instead of overwriting it.
+
+    Events: `before_fit`, `cleanup_epoch`. Order: -4 (just after RecorderCB, which makes the row).
+
+    Example:
+        >>> learn.fit(3, cbs=[CSVLoggerCB("runs/history.csv")])
+        >>> # later, resuming:
+        >>> learn.fit(2, cbs=[CSVLoggerCB("runs/history.csv", append=True)])
+    """
+
+    order = -4
+
+    def __init__(self, path: str | os.PathLike[str], append: bool = False) -> None:
+        self.path, self.append = Path(path), append
+        if self.path.is_dir():
+            raise ValueError(f"CSVLoggerCB path {str(self.path)!r} is a folder: name a file in it.")
+        self.started = False  # the file has been claimed by this callback (truncated or checked)
+        self.header: list[str] | None = None
+        self.recorder: RecorderCB | None = None
+        self.n_written = 0  # rows of the recorder's history already in the file
+
+    def before_fit(self, learn: Learner) -> None:
+        self.recorder = find_recorder(learn, "CSVLoggerCB")
+        self.n_written = len(self.recorder.history)  # only epochs from now on
+        if self.started:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.append and self.path.exists() and self.path.stat().st_size > 0:
+            with self.path.open(newline="") as f:
+                self.header = next(csv.reader(f), None)
+        else:
+            self.path.write_text("")  # a fresh file: an old run's rows must not pass for ours
+            self.header = None
+        self.started = True
+
+    def cleanup_epoch(self, learn: Learner) -> None:
+        if self.recorder is None:
+            return
+        rows = self.recorder.history[self.n_written :]
+        if not rows:
+            return
+        keys = self.header or list(rows[0])
+        for row in rows:
+            if list(row) != keys:
+                raise ValueError(
+                    f"{str(self.path)!r} has columns {keys} but this run's history has "
+                    f"{list(row)}: log to another file, or pass append=False to overwrite it."
+                )
+        with self.path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if self.header is None:
+                writer.writerow(keys)
+                self.header = keys
+            writer.writerows([_cell(row.get(k)) for k in keys] for row in rows)
+            f.flush()
+            os.fsync(f.fileno())  # the epoch survives a crash or a power cut, not only an error
+        self.n_written += len(rows)
+
+
+def _cell(value: Any) -> Any:
+    return "" if value is None else value

@@ -1,0 +1,127 @@
+"""CSVLoggerCB: rows equal the recorder's history, survive a crash, resume by appending."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from learner import Callback, CancelFitException, CSVLoggerCB, Learner, RecorderCB, accuracy
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _as_history(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+    def value(cell: str) -> Any:
+        return None if cell == "" else float(cell)
+
+    return [{k: value(v) for k, v in row.items()} for row in rows]
+
+
+def test_rows_equal_the_history_exactly(tiny: dict[str, Any], tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "history.csv"  # the folder is created
+    learn = Learner(**tiny, metrics=accuracy, cbs=[CSVLoggerCB(path)])
+    learn.fit(3)
+    assert path.read_text().splitlines()[0] == "epoch,train_loss,valid_loss,accuracy"
+    assert _as_history(_read(path)) == learn.recorder.history  # full precision: equal, not close
+    learn.fit(1, valid=False)  # the same callback goes on adding; no validation: an empty cell
+    rows = _read(path)
+    assert _as_history(rows) == learn.recorder.history and rows[-1]["valid_loss"] == ""
+
+
+class Spy(Callback):
+    """At each epoch's start, the file's lines as another process would read them."""
+
+    order = 100
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.seen = path, []
+
+    def before_epoch(self, learn: Learner) -> None:
+        self.seen.append(len(self.path.read_text().splitlines()))
+
+
+class Crash(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def before_batch(self, learn: Learner) -> None:
+        if learn.epoch == self.epoch and learn.iter == 1:
+            raise RuntimeError("crash")
+
+
+def test_each_epoch_is_on_disk_when_it_ends_and_survives_a_crash(
+    tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "h.csv"
+    synced: list[int] = []  # lines in the file, as the OS has it, when it is synced
+    fsync = os.fsync
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (synced.append(len(path.read_text().splitlines())), fsync(fd))[1]
+    )
+    spy = Spy(path)
+    learn = Learner(**tiny, cbs=[CSVLoggerCB(path), spy])
+    with pytest.raises(RuntimeError, match="crash"):
+        learn.fit(4, cbs=[Crash(epoch=2)])
+    assert spy.seen == [0, 2, 3]  # the file was readable (flushed) as each epoch ended
+    assert synced == [2, 3]  # flushed before each sync, so the sync covers the row
+    assert _as_history(_read(path)) == learn.recorder.history and len(learn.recorder.history) == 2
+
+
+def test_resuming_appends_under_the_same_header(tiny: dict[str, Any], tmp_path: Path) -> None:
+    path = tmp_path / "h.csv"
+    first = Learner(**tiny, metrics=accuracy)
+    first.fit(2, cbs=[CSVLoggerCB(path)])
+    second = Learner(**tiny, metrics=accuracy)  # a new process resuming the run
+    second.fit(1, cbs=[CSVLoggerCB(path, append=True)])
+    lines = path.read_text().splitlines()
+    assert sum(line.startswith("epoch,") for line in lines) == 1 and len(lines) == 4
+    assert _as_history(_read(path)) == first.recorder.history + second.recorder.history
+
+
+def test_append_creates_a_missing_file_and_overwrite_replaces(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    path = tmp_path / "h.csv"
+    learn = Learner(**tiny)
+    learn.fit(1, cbs=[CSVLoggerCB(path, append=True)])
+    assert len(_read(path)) == 1
+    learn.fit(1, cbs=[CSVLoggerCB(path)])  # append=False: a fresh file
+    assert _as_history(_read(path)) == learn.recorder.history[1:]
+
+
+def test_appending_to_other_columns_is_an_error(tiny: dict[str, Any], tmp_path: Path) -> None:
+    path = tmp_path / "h.csv"
+    path.write_text("epoch,train_loss,valid_loss\n0,1.0,2.0\n")
+    with pytest.raises(ValueError, match=r"has columns.*accuracy.*append=False"):
+        Learner(**tiny, metrics=accuracy).fit(1, cbs=[CSVLoggerCB(path, append=True)])
+    assert path.read_text() == "epoch,train_loss,valid_loss\n0,1.0,2.0\n"  # left as it was
+
+
+def test_an_epoch_cancelled_after_recording_is_still_written(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    class StopAtEpochEnd(Callback):
+        order = RecorderCB.order  # runs after the recorder and before the logger
+
+        def after_epoch(self, learn: Learner) -> None:
+            raise CancelFitException()
+
+    path = tmp_path / "h.csv"
+    learn = Learner(**tiny, cbs=[StopAtEpochEnd(), CSVLoggerCB(path)])
+    learn.fit(3)
+    assert _as_history(_read(path)) == learn.recorder.history and len(learn.recorder.history) == 1
+
+
+def test_bad_setups(tiny: dict[str, Any], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is a folder"):
+        CSVLoggerCB(tmp_path)
+    learn = Learner(**tiny, default_cbs=False, cbs=[CSVLoggerCB(tmp_path / "h.csv")])
+    with pytest.raises(ValueError, match=r"add a RecorderCB\(\)"):
+        learn.fit(1)
