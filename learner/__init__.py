@@ -21,6 +21,7 @@ from learner.core import (
     Learner,
 )
 from learner.data import DataLoaders, TensorLoader
+from learner.io import atomic_save
 
 __all__ = [
     "EVENTS",
@@ -39,6 +40,7 @@ __all__ = [
     "TensorLoader",
     "TrainEvalCB",
     "accuracy",
+    "atomic_save",
     "default_device",
     "to_device",
 ]
