@@ -8,14 +8,19 @@ from learner.callbacks.device import DeviceCB, default_device, to_device
 from learner.callbacks.metrics import MetricsCB, accuracy
 from learner.callbacks.progress import ProgressCB
 from learner.callbacks.recorder import RecorderCB
+from learner.callbacks.tracker import EarlyStoppingCB, Monitor, SaveBestCB, TerminateOnNaNCB
 from learner.callbacks.train_eval import TrainEvalCB
 from learner.core import Callback
 
 __all__ = [
     "DeviceCB",
+    "EarlyStoppingCB",
     "MetricsCB",
+    "Monitor",
     "ProgressCB",
     "RecorderCB",
+    "SaveBestCB",
+    "TerminateOnNaNCB",
     "TrainEvalCB",
     "accuracy",
     "default_callbacks",
