@@ -269,6 +269,23 @@ class Learner:
                         self.cbs[self.cbs.index(cb)] = old
             self._build_handlers()
 
+    # -- features: each a thin delegation to its module, imported here to avoid an import cycle --
+
+    def fit_one_cycle(
+        self,
+        n_epochs: int,
+        lr_max: float | None = None,
+        div: float = 25.0,
+        div_final: float = 1e5,
+        pct_start: float = 0.25,
+        moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
+        cbs: Iterable[Callback] | None = None,
+    ) -> None:
+        """One-cycle training, as fastai's: `learner.callbacks.schedule.fit_one_cycle`."""
+        from learner.callbacks.schedule import fit_one_cycle
+
+        fit_one_cycle(self, n_epochs, lr_max, div, div_final, pct_start, moms, cbs)
+
     def _with(self, level: str, body: Callable[[], None], cancel: type[Exception]) -> None:
         # The one place that defines event semantics: before_, body, after_; a cancel of this
         # level skips after_ quietly; cleanup_ always runs, exactly once per before_.

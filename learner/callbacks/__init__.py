@@ -8,6 +8,19 @@ from learner.callbacks.device import DeviceCB, default_device, to_device
 from learner.callbacks.metrics import MetricsCB, accuracy
 from learner.callbacks.progress import ProgressCB
 from learner.callbacks.recorder import RecorderCB
+from learner.callbacks.schedule import (
+    LRSchedulerCB,
+    ParamSchedulerCB,
+    Schedule,
+    combine_scheds,
+    combined_cos,
+    fit_one_cycle,
+    sched_cos,
+    sched_exp,
+    sched_lin,
+    sched_no,
+    set_hyper,
+)
 from learner.callbacks.tracker import EarlyStoppingCB, Monitor, SaveBestCB, TerminateOnNaNCB
 from learner.callbacks.train_eval import TrainEvalCB
 from learner.core import Callback
@@ -15,16 +28,27 @@ from learner.core import Callback
 __all__ = [
     "DeviceCB",
     "EarlyStoppingCB",
+    "LRSchedulerCB",
     "MetricsCB",
     "Monitor",
+    "ParamSchedulerCB",
     "ProgressCB",
     "RecorderCB",
     "SaveBestCB",
+    "Schedule",
     "TerminateOnNaNCB",
     "TrainEvalCB",
     "accuracy",
+    "combine_scheds",
+    "combined_cos",
     "default_callbacks",
     "default_device",
+    "fit_one_cycle",
+    "sched_cos",
+    "sched_exp",
+    "sched_lin",
+    "sched_no",
+    "set_hyper",
     "to_device",
 ]
 
