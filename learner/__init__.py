@@ -3,6 +3,8 @@
 from learner.callbacks import (
     DeviceCB,
     EarlyStoppingCB,
+    LRFinderCB,
+    LRFindResult,
     LRSchedulerCB,
     MetricsCB,
     Monitor,
@@ -18,12 +20,15 @@ from learner.callbacks import (
     combined_cos,
     default_device,
     fit_one_cycle,
+    lr_find,
     sched_cos,
     sched_exp,
     sched_lin,
     sched_no,
     set_hyper,
+    steep,
     to_device,
+    valley,
 )
 from learner.core import (
     EVENTS,
@@ -49,6 +54,8 @@ __all__ = [
     "DataLoaders",
     "DeviceCB",
     "EarlyStoppingCB",
+    "LRFindResult",
+    "LRFinderCB",
     "LRSchedulerCB",
     "Learner",
     "MetricsCB",
@@ -67,11 +74,14 @@ __all__ = [
     "combined_cos",
     "default_device",
     "fit_one_cycle",
+    "lr_find",
     "sched_cos",
     "sched_exp",
     "sched_lin",
     "sched_no",
     "set_hyper",
+    "steep",
     "to_device",
+    "valley",
 ]
 __version__ = "0.1.0"

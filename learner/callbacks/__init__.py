@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from learner.callbacks.device import DeviceCB, default_device, to_device
+from learner.callbacks.lr_finder import LRFinderCB, LRFindResult, lr_find, steep, valley
 from learner.callbacks.metrics import MetricsCB, accuracy
 from learner.callbacks.progress import ProgressCB
 from learner.callbacks.recorder import RecorderCB
@@ -28,6 +29,8 @@ from learner.core import Callback
 __all__ = [
     "DeviceCB",
     "EarlyStoppingCB",
+    "LRFindResult",
+    "LRFinderCB",
     "LRSchedulerCB",
     "MetricsCB",
     "Monitor",
@@ -44,12 +47,15 @@ __all__ = [
     "default_callbacks",
     "default_device",
     "fit_one_cycle",
+    "lr_find",
     "sched_cos",
     "sched_exp",
     "sched_lin",
     "sched_no",
     "set_hyper",
+    "steep",
     "to_device",
+    "valley",
 ]
 
 
