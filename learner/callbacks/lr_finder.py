@@ -121,11 +121,18 @@ class LRFindResult(NamedTuple):
         return smooth(self.losses)
 
     def plot(self) -> Figure:
-        """The smoothed loss against the learning rate (log scale), the suggestion marked."""
+        """The smoothed loss against the learning rate (log scale), the suggestion marked; the
+        y-axis spans the curve up to its minimum, so a steep divergence does not flatten it."""
         fig, (ax,) = _new_figure()
         pts = [(lr, s) for lr, s in zip(self.lrs, self.smoothed) if math.isfinite(s)]
         if pts:
             ax.plot(*zip(*pts), label="smoothed loss")
+            ys = [y for _, y in pts]
+            low = min(ys)
+            high = max(ys[: ys.index(low) + 1])
+            if high > low:  # the divergence leaves through the top rather than flatten the rest
+                pad = 0.1 * (high - low)
+                ax.set_ylim(low - pad, high + pad)
         lr = self.suggestion
         if lr is not None and pts:
             at = min(pts, key=lambda p: abs(math.log(p[0] / lr)))

@@ -22,6 +22,7 @@ from learner import (
     EarlyStoppingCB,
     Learner,
     LRFinderCB,
+    LRFindResult,
     ParamSchedulerCB,
     SaveBestCB,
     accuracy,
@@ -139,6 +140,15 @@ def test_plot_is_on_a_log_x_axis(tiny: dict[str, Any]) -> None:
     curve, mark = ax.get_lines()
     assert list(curve.get_xdata()) == res.lrs and list(curve.get_ydata()) == res.smoothed
     assert list(mark.get_xdata()) == [res.suggestion]
+
+
+def test_plot_keeps_a_divergence_from_flattening_the_curve() -> None:
+    losses = [3.0 - 0.1 * i for i in range(20)] + [10.0, 100.0, 1000.0]
+    res = LRFindResult(LRS[:23], losses, None)
+    sm = res.smoothed
+    bottom, top = res.plot().axes[0].get_ylim()
+    span = sm[0] - min(sm)  # the curve from its start down to its minimum fills the axis
+    assert (bottom, top) == pytest.approx((min(sm) - 0.1 * span, sm[0] + 0.1 * span))
 
 
 def test_bad_arguments(tiny: dict[str, Any]) -> None:
