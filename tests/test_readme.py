@@ -33,3 +33,20 @@ def test_callback_example_runs(tiny: dict[str, Any]) -> None:
     assert len(learn.recorder.losses) == 6  # 3 epochs of 2 batches: 100 is never reached
     learn.fit(3, cbs=[scope["StopAfterCB"](3)])
     assert len(learn.recorder.losses) == 6 + 3
+
+
+def test_feature_examples_run(
+    tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from learner import Learner, accuracy
+
+    monkeypatch.chdir(tmp_path)
+    learn = Learner(**tiny, metrics=accuracy)
+    scope: dict[str, Any] = {"learn": learn, "dls": tiny["dls"]}
+    for block in BLOCKS[2:6]:
+        exec(block, scope)
+    assert (tmp_path / "lr_find.png").exists() and (tmp_path / "lr.png").exists()
+    assert scope["result"].suggestion is not None
+    assert (tmp_path / "models" / "best.pt").exists()
+    # 3 one-cycle + 3 scheduled + 3 + 3 torch-scheduled epochs, then at least 3 more
+    assert len(learn.recorder.history) >= 12 + 3
