@@ -60,3 +60,21 @@ def test_seeing_inside_training_runs(
     assert len(scope["stats"].means[0]) == 2  # the ReLU, at each of the 2 training batches
     for name in ("history.csv", "stats.png", "color_dim.png", "dead.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_feature_examples_run(
+    tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from learner import Learner, accuracy
+
+    monkeypatch.chdir(tmp_path)
+    learn = Learner(**tiny, metrics=accuracy)
+    scope: dict[str, Any] = {"learn": learn, "dls": tiny["dls"]}
+    first = next(i for i, b in enumerate(BLOCKS) if "learn.lr_find()" in b)
+    for block in BLOCKS[first : first + 4]:  # lr_find, schedules, torch schedulers, trackers
+        exec(block, scope)
+    assert (tmp_path / "lr_find.png").exists() and (tmp_path / "lr.png").exists()
+    assert scope["result"].suggestion is not None
+    assert (tmp_path / "models" / "best.pt").exists()
+    # 3 one-cycle + 3 scheduled + 3 + 3 torch-scheduled epochs, then at least 3 more
+    assert len(learn.recorder.history) >= 12 + 3

@@ -9,11 +9,26 @@ from learner.callbacks.csv_logger import CSVLoggerCB
 from learner.callbacks.device import DeviceCB, default_device, to_device
 from learner.callbacks.grad_accum import GradAccumCB
 from learner.callbacks.grad_clip import GradClipCB
+from learner.callbacks.lr_finder import LRFinderCB, LRFindResult, lr_find, steep, valley
 from learner.callbacks.metrics import MetricsCB, accuracy
 from learner.callbacks.mixed_precision import MixedPrecisionCB
 from learner.callbacks.progress import ProgressCB
 from learner.callbacks.recorder import RecorderCB
+from learner.callbacks.schedule import (
+    LRSchedulerCB,
+    ParamSchedulerCB,
+    Schedule,
+    combine_scheds,
+    combined_cos,
+    fit_one_cycle,
+    sched_cos,
+    sched_exp,
+    sched_lin,
+    sched_no,
+    set_hyper,
+)
 from learner.callbacks.tensorboard import TensorBoardCB
+from learner.callbacks.tracker import EarlyStoppingCB, Monitor, SaveBestCB, TerminateOnNaNCB
 from learner.callbacks.train_eval import TrainEvalCB
 from learner.core import Callback
 
@@ -21,18 +36,38 @@ __all__ = [
     "ActivationStatsCB",
     "CSVLoggerCB",
     "DeviceCB",
+    "EarlyStoppingCB",
     "GradAccumCB",
     "GradClipCB",
+    "LRFindResult",
+    "LRFinderCB",
+    "LRSchedulerCB",
     "MetricsCB",
     "MixedPrecisionCB",
+    "Monitor",
+    "ParamSchedulerCB",
     "ProgressCB",
     "RecorderCB",
+    "SaveBestCB",
+    "Schedule",
     "TensorBoardCB",
+    "TerminateOnNaNCB",
     "TrainEvalCB",
     "accuracy",
+    "combine_scheds",
+    "combined_cos",
     "default_callbacks",
     "default_device",
+    "fit_one_cycle",
+    "lr_find",
+    "sched_cos",
+    "sched_exp",
+    "sched_lin",
+    "sched_no",
+    "set_hyper",
+    "steep",
     "to_device",
+    "valley",
 ]
 
 

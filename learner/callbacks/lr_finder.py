@@ -1,0 +1,400 @@
+"""The learning-rate finder: a short run with an exponentially growing learning rate that leaves
+no trace on the Learner, and a suggested learning rate from its loss curve."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from learner.callbacks.recorder import _new_figure, smooth
+from learner.callbacks.schedule import sched_exp, set_hyper
+from learner.core import Callback, CancelFitException, Learner
+from learner.data import DataLoaders
+
+__all__ = ["MIN_POINTS", "LRFindResult", "LRFinderCB", "lr_find", "steep", "valley"]
+
+MIN_POINTS = 10
+"""Fewer finite points than this after trimming gives no suggestion (a warning instead)."""
+
+Suggest = Callable[[Sequence[float], Sequence[float]], float | None]
+"""A suggestion rule: `suggest(lrs, losses) -> lr`, or None when the curve has too few points."""
+
+
+# -- suggestions --------------------------------------------------------------------------------
+
+
+def _usable(lrs: Sequence[float], losses: Sequence[float]) -> tuple[list[float], list[float]]:
+    """The points with a finite, positive lr and a finite loss; a warning if too few remain."""
+    pts = [
+        (float(lr), float(loss))
+        for lr, loss in zip(lrs, losses)
+        if math.isfinite(lr) and lr > 0 and math.isfinite(loss)
+    ]
+    if len(pts) < MIN_POINTS:
+        warnings.warn(
+            f"lr_find: {len(pts)} usable points (finite loss), fewer than {MIN_POINTS}: no "
+            "suggested learning rate. The run stops when the loss diverges: start from a "
+            "smaller start_lr, or raise num_it.",
+            stacklevel=3,
+        )
+        return [], []
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def valley(lrs: Sequence[float], losses: Sequence[float]) -> float | None:
+    """fastai's "valley" suggestion: the middle of the longest descent of the loss curve.
+
+    The longest descent is the longest strictly decreasing subsequence of `losses` (its points
+    need not be adjacent, so a bump of noise does not cut a long descent in two). As in fastai,
+    the valley is taken to end at its last point `end` and to span as many points as it has,
+    `length`, and the suggestion is its middle, `lrs[end - length // 2]`: well inside the region
+    where a higher learning rate still lowers the loss, away from both the flat start and the
+    divergence. Points with a non-finite lr or loss are dropped first; with fewer than
+    `MIN_POINTS` left, it warns and returns None.
+
+    Example:
+        >>> lrs = [10 ** (i / 10 - 7) for i in range(80)]
+        >>> losses = [2.0] * 20 + [2.0 - 0.03 * i for i in range(40)] + [1.0 + i for i in range(20)]
+        >>> valley(lrs, losses) == lrs[39]
+        True
+    """
+    lrs, losses = _usable(lrs, losses)
+    if not losses:
+        return None
+    n = len(losses)
+    length = [1] * n  # length[i]: the longest decreasing subsequence ending at point i
+    for i in range(n):
+        for j in range(i):
+            if losses[j] > losses[i] and length[j] + 1 > length[i]:
+                length[i] = length[j] + 1
+    end = max(range(n), key=length.__getitem__)
+    return lrs[end - length[end] // 2]
+
+
+def steep(lrs: Sequence[float], losses: Sequence[float]) -> float | None:
+    """The recorded lr where the loss falls fastest against log(lr) (central differences).
+
+    The slope at point `i` is `(losses[i+1] - losses[i-1]) / (log lrs[i+1] - log lrs[i-1])`;
+    the suggestion is the lr with the most negative slope. Points with a non-finite lr or loss
+    are dropped first; with fewer than `MIN_POINTS` left, it warns and returns None.
+
+    Example:
+        >>> lrs = [10 ** (i / 10 - 7) for i in range(60)]
+        >>> losses = [-math.tanh(i - 30) for i in range(60)]  # steepest at i = 30
+        >>> steep(lrs, losses) == lrs[30]
+        True
+    """
+    lrs, losses = _usable(lrs, losses)
+    if not losses:
+        return None
+    logs = [math.log(lr) for lr in lrs]
+
+    def slope(i: int) -> float:
+        run = logs[i + 1] - logs[i - 1]
+        return (losses[i + 1] - losses[i - 1]) / run if run > 0 else math.inf
+
+    return lrs[min(range(1, len(lrs) - 1), key=slope)]
+
+
+class LRFindResult(NamedTuple):
+    """What `lr_find` returns: `lrs, losses, suggestion = learn.lr_find()`.
+
+    `losses` are the raw training losses (a non-finite last one, if the run blew up, included);
+    `smoothed` is the curve the suggestion was read from; `plot()` draws it on a log-x axis.
+    """
+
+    lrs: list[float]
+    losses: list[float]
+    suggestion: float | None
+
+    @property
+    def smoothed(self) -> list[float]:
+        """The losses smoothed as the recorder smooths them (bias-corrected EMA, beta 0.98)."""
+        return smooth(self.losses)
+
+    def plot(self) -> Figure:
+        """The smoothed loss against the learning rate (log scale), the suggestion marked; the
+        y-axis spans the curve up to its minimum, so a steep divergence does not flatten it."""
+        fig, (ax,) = _new_figure()
+        pts = [(lr, s) for lr, s in zip(self.lrs, self.smoothed) if math.isfinite(s)]
+        if pts:
+            ax.plot(*zip(*pts), label="smoothed loss")
+            ys = [y for _, y in pts]
+            low = min(ys)
+            high = max(ys[: ys.index(low) + 1])
+            if high > low:  # the divergence leaves through the top rather than flatten the rest
+                pad = 0.1 * (high - low)
+                ax.set_ylim(low - pad, high + pad)
+        lr = self.suggestion
+        if lr is not None and pts:
+            at = min(pts, key=lambda p: abs(math.log(p[0] / lr)))
+            ax.plot(*at, "o", color="C3", label=f"suggestion {lr:.2e}")
+        ax.set_xscale("log")
+        ax.set(xlabel="learning rate", ylabel="loss")
+        ax.legend()
+        return fig
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+class LRFinderCB(Callback):
+    """Raises the learning rate exponentially from `start_lr` to `end_lr` over `num_it` batches.
+
+    Batch `i` trains at `start_lr * (end_lr / start_lr) ** (i / (num_it - 1))`, set in every
+    param group at `before_batch`. After each batch it records the lr and the loss in `lrs` and
+    `losses`, and ends the fit with `CancelFitException` after `num_it` batches, at a non-finite
+    loss, or when the smoothed loss exceeds `stop_factor` times its minimum. Use it through
+    `lr_find`, which also undoes the run.
+
+    Events: `before_fit`, `before_batch`, `after_batch`. Order: 90 (its learning rate wins over
+    any scheduler's; it stops the fit after every other callback has seen the batch).
+
+    Example:
+        >>> finder = LRFinderCB(num_it=50)  # usually: learn.lr_find(num_it=50)
+    """
+
+    order = 90
+    beta = 0.98  # the smoothing of `learner.callbacks.recorder.smooth`
+
+    def __init__(
+        self,
+        start_lr: float = 1e-7,
+        end_lr: float = 10.0,
+        num_it: int = 100,
+        stop_factor: float | None = 4.0,
+    ) -> None:
+        for name, lr in (("start_lr", start_lr), ("end_lr", end_lr)):
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+                raise ValueError(f"{name} must be a positive number, got {lr!r}.")
+        if not end_lr > start_lr:
+            raise ValueError(f"end_lr ({end_lr}) must be larger than start_lr ({start_lr}).")
+        if isinstance(num_it, bool) or not isinstance(num_it, int) or num_it < 2:
+            raise ValueError(f"num_it must be an int >= 2, got {num_it!r}.")
+        if stop_factor is not None and not stop_factor > 1:
+            raise ValueError(f"stop_factor must be > 1 (or None), got {stop_factor!r}.")
+        self.start_lr, self.end_lr, self.num_it = start_lr, end_lr, num_it
+        self.stop_factor = stop_factor
+        self.sched = sched_exp(start_lr, end_lr)
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.lr, self.avg, self.best = start_lr, 0.0, math.inf
+
+    def before_fit(self, learn: Learner) -> None:
+        self.lrs, self.losses = [], []
+        self.lr, self.avg, self.best = self.start_lr, 0.0, math.inf
+
+    def before_batch(self, learn: Learner) -> None:
+        if not learn.training:
+            return
+        assert learn.opt is not None
+        self.lr = self.sched(len(self.lrs) / (self.num_it - 1))
+        for group in learn.opt.param_groups:
+            set_hyper(group, "lr", self.lr)
+
+    def after_batch(self, learn: Learner) -> None:
+        if not learn.training:
+            return
+        loss = learn.loss.item()
+        self.lrs.append(self.lr)
+        self.losses.append(loss)
+        self.avg = self.beta * self.avg + (1 - self.beta) * loss
+        smoothed = self.avg / (1 - self.beta ** len(self.losses))
+        self.best = min(self.best, smoothed)
+        if (
+            len(self.losses) >= self.num_it
+            or not math.isfinite(smoothed)
+            or (self.stop_factor is not None and smoothed > self.stop_factor * self.best)
+        ):
+            raise CancelFitException()
+
+
+class _Repeat:
+    """At most `n` batches of `dl`, starting a new pass over it (a new shuffle) when it runs out:
+    the finder's run is a single training phase, so no epoch ever ends (no callback acts on one,
+    no results row is printed)."""
+
+    def __init__(self, dl: Iterable[Any], n: int) -> None:
+        self.dl, self.n = dl, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[Any]:
+        count = 0
+        while True:
+            start = count
+            for batch in self.dl:
+                yield batch
+                count += 1
+                if count == self.n:
+                    return
+            if count == start:  # an empty loader: the Learner reports it
+                return
+
+
+def lr_find(
+    learn: Learner,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num_it: int = 100,
+    stop_factor: float | None = 4.0,
+    suggest: Suggest = valley,
+) -> LRFindResult:
+    """Train `num_it` batches at exponentially growing learning rates, then undo everything.
+
+    The run trains on `dls.train` only (passing over it again as often as needed), with every
+    callback of the learner, and stops early at a non-finite loss or when the smoothed loss
+    exceeds `stop_factor` times its minimum (see `LRFinderCB`). The suggestion is
+    `suggest(lrs, smoothed_losses)` with the first 10% of the points left out (the smoothing is
+    still settling there); `valley` by default, or `steep`, or any such function.
+
+    It leaves no trace: afterwards the model's parameters, gradients and buffers, every
+    submodule's train/eval flag, the optimizer (its state, or its absence, so that the first
+    `fit` still creates a fresh one), every callback's attributes, the Learner's attributes, the
+    Python, NumPy and torch (CPU, CUDA, MPS) random states and the data loaders' generators are
+    as before, also when the run is interrupted by an exception or Ctrl-C. So two calls give
+    the same curve, and `lr_find(); fit(n)` trains exactly as `fit(n)` would. Callback
+    attributes that cannot be deep-copied (an open file) are put back as the same object.
+
+    Args:
+        learn: the Learner.
+        start_lr: learning rate of the first batch. Default 1e-7.
+        end_lr: learning rate of batch `num_it` (if reached). Default 10.
+        num_it: number of batches. Default 100.
+        stop_factor: stop once the smoothed loss exceeds this multiple of its minimum; None
+            runs all `num_it` batches unless the loss becomes non-finite. Default 4.
+        suggest: `f(lrs, losses) -> lr or None`. Default `valley`.
+
+    Example:
+        >>> lrs, losses, suggestion = learn.lr_find()
+        >>> learn.lr_find().plot().savefig("lr_find.png")
+        >>> learn.fit_one_cycle(3, lr_max=suggestion)
+    """
+    finder = LRFinderCB(start_lr, end_lr, num_it, stop_factor)
+    if not callable(suggest):
+        raise TypeError(f"suggest must be a function f(lrs, losses), got {suggest!r}.")
+    restore = _preserve(learn)
+    try:
+        learn.dls = _with_train(learn.dls, _Repeat(learn.dls.train, num_it))
+        learn.fit(1, cbs=[finder], valid=False)
+    finally:
+        restore()
+    lrs, losses = finder.lrs, finder.losses
+    skip = len(losses) // 10
+    suggestion = suggest(lrs[skip:], smooth(losses)[skip:])
+    return LRFindResult(lrs, losses, suggestion)
+
+
+def _with_train(dls: Any, train: Any) -> Any:
+    # A copy, so attributes callbacks may read (dls.valid, a vocab) stay where they are.
+    new = copy.copy(dls)
+    try:
+        new.train = train
+    except AttributeError:  # a read-only .train
+        return DataLoaders(train, getattr(dls, "valid", None))
+    return new
+
+
+# -- leaving no trace ---------------------------------------------------------------------------
+
+
+def _preserve(learn: Learner) -> Callable[[], None]:
+    """Snapshot what a training run changes; return a function that puts it all back."""
+    model, opt, cbs = learn.model, learn.opt, list(learn.cbs)
+    attrs = dict(vars(learn))
+    # Per module and name: moving a model (`.to(device)`) puts new tensor objects in for buffers.
+    tensors = [
+        (m, name, t, t.detach().clone())
+        for m in model.modules()
+        for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+    ]
+    grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
+    flags = [(m, m.training) for m in model.modules()]
+    opt_state = copy.deepcopy(opt.state_dict()) if opt is not None else None
+    # Objects callbacks share with the Learner are kept, not copied, in the callbacks' snapshots.
+    shared: list[Any] = [learn, learn.dls, opt, *model.modules(), *(t[2] for t in tensors), *cbs]
+    memo = {id(o): o for o in shared}
+    cb_states = [(cb, _copy_attrs(cb, memo)) for cb in cbs if hasattr(cb, "__dict__")]
+    rng = _rng_state(learn.dls)
+
+    def restore() -> None:
+        with torch.no_grad():
+            for m, name, t, saved in tensors:
+                if t.device == saved.device and t.dtype == saved.dtype:
+                    t.copy_(saved)
+                else:  # moved or cast during the run (DeviceCB moves the model): move it back
+                    t.data = saved
+                if getattr(m, name) is not t:
+                    setattr(m, name, t)
+        for p, grad in grads:
+            p.grad = grad
+        for m, training in flags:
+            m.training = training
+        if opt is not None and opt_state is not None:
+            opt.load_state_dict(opt_state)  # after the parameters: it casts state to their device
+        for cb, state in cb_states:
+            vars(cb).clear()
+            vars(cb).update(state)
+        vars(learn).clear()
+        vars(learn).update(attrs)
+        learn.cbs[:] = cbs
+        _set_rng_state(rng)
+
+    return restore
+
+
+def _copy_attrs(obj: Any, memo: dict[int, Any]) -> dict[str, Any]:
+    state = {}
+    for name, value in vars(obj).items():
+        try:
+            state[name] = copy.deepcopy(value, memo)
+        except Exception:  # not copyable (an open file, a lock): put back as the same object
+            state[name] = value
+    return state
+
+
+def _generators(dls: Any) -> list[torch.Generator]:
+    # TensorLoader and DataLoader have .generator; a DataLoader's sampler may have its own.
+    found: dict[int, torch.Generator] = {}
+    for dl in (getattr(dls, "train", None), getattr(dls, "valid", None)):
+        batch_sampler = getattr(dl, "batch_sampler", None)
+        for obj in (dl, getattr(dl, "sampler", None), getattr(batch_sampler, "sampler", None)):
+            g = getattr(obj, "generator", None)
+            if isinstance(g, torch.Generator):
+                found[id(g)] = g
+    return list(found.values())
+
+
+def _rng_state(dls: Any) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "generators": [(g, g.get_state()) for g in _generators(dls)],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    for g, s in state["generators"]:
+        g.set_state(s)
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state:
+        torch.mps.set_rng_state(state["mps"])

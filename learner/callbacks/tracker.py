@@ -1,0 +1,282 @@
+"""Watching the training: early stopping, keeping the best weights, stopping on a NaN loss."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learner.callbacks.metrics import epoch_summary
+from learner.callbacks.recorder import RecorderCB
+from learner.core import Callback, CancelFitException, Learner
+from learner.io import atomic_save
+
+__all__ = ["EarlyStoppingCB", "Monitor", "SaveBestCB", "TerminateOnNaNCB"]
+
+
+class Monitor:
+    """A key of `learn.recorder.history` to watch, and what counts as an improvement.
+
+    Shared by the callbacks that act on a per-epoch value. `check` at `before_fit` turns an
+    unknown key into a clear error listing the available ones; `value` reads the latest epoch's
+    number (None when the phase that computes it did not run); `better` compares with `mode` and
+    `min_delta`.
+
+    Args:
+        monitor: a history key: "train_loss", "valid_loss" or a metric's name.
+        mode: "min" (lower is better) or "max".
+        min_delta: how much better a value must be to count as an improvement (>= 0).
+
+    Example:
+        >>> m = Monitor("accuracy", mode="max", min_delta=0.001)
+        >>> m.better(0.95, best=0.9495), m.better(0.952, best=0.95)
+        (False, True)
+    """
+
+    def __init__(self, monitor: str, mode: str = "min", min_delta: float = 0.0) -> None:
+        if not isinstance(monitor, str):
+            raise TypeError(f"monitor must be a history key (a str), got {monitor!r}.")
+        if mode not in ("min", "max"):
+            raise ValueError(
+                f"mode must be 'min' (lower is better, e.g. a loss) or 'max' (e.g. accuracy), "
+                f"got {mode!r}."
+            )
+        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or min_delta < 0:
+            raise ValueError(f"min_delta must be a number >= 0, got {min_delta!r}.")
+        self.name, self.mode, self.min_delta = monitor, mode, float(min_delta)
+
+    @property
+    def worst(self) -> float:
+        """A starting `best` that any finite value improves on."""
+        return math.inf if self.mode == "min" else -math.inf
+
+    def better(self, value: float, best: float) -> bool:
+        """Whether `value` improves on `best` by more than `min_delta` (NaN never does)."""
+        if self.mode == "min":
+            return value < best - self.min_delta
+        return value > best + self.min_delta
+
+    def check(self, learn: Learner, owner: str) -> None:
+        """Raise a clear error if the value cannot be read during this fit."""
+        recorder = _recorder(learn)
+        if recorder is None:
+            raise ValueError(
+                f"{owner} monitors {self.name!r} in learn.recorder.history, but the learner has "
+                "no RecorderCB: add RecorderCB() (Learner(default_cbs=True) has one)."
+            )
+        # The keys the next row will have (MetricsCB has run before_fit), and any earlier ones.
+        keys = [k for row in recorder.history for k in row] + ["epoch", *epoch_summary(learn)]
+        keys = list(dict.fromkeys(keys))
+        if self.name not in keys:
+            raise ValueError(
+                f"{owner}: monitor={self.name!r} is not a key of learn.recorder.history; "
+                f"available keys: {', '.join(map(repr, keys))}."
+            )
+        if self.name == "valid_loss" and getattr(learn.dls, "valid", None) is None:
+            raise ValueError(
+                f"{owner} monitors 'valid_loss', but dls has no validation loader: monitor "
+                "'train_loss', or give dls a .valid loader."
+            )
+
+    def value(self, learn: Learner) -> float | None:
+        """The latest epoch's value; None if it was not computed (e.g. validation did not run)."""
+        recorder = _recorder(learn)
+        row = recorder.history[-1] if recorder is not None and recorder.history else {}
+        value = row.get(self.name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"learn.recorder.history[-1][{self.name!r}] is {value!r}, not a number, so it "
+                "cannot be monitored: monitor a metric that returns a single number."
+            )
+        return float(value)
+
+
+def _recorder(learn: Learner) -> RecorderCB | None:
+    return next((c for c in learn.cbs if isinstance(c, RecorderCB)), None)
+
+
+class EarlyStoppingCB(Callback):
+    """Stops training when a monitored value has not improved for `patience` epochs.
+
+    After each epoch it reads `monitor` from `learn.recorder.history`. A value better than the
+    best so far by more than `min_delta` resets the count; otherwise the count goes up, and when
+    it reaches `patience` the fit ends with `CancelFitException` (the epoch's row is complete
+    and shown, and every `cleanup_*` runs). The reason is printed and kept in `reason`, the
+    epoch in `stopped_epoch` (None if training ran to the end). The best value so far is `best`,
+    from epoch `best_epoch`. Each `fit` starts afresh.
+
+    Events: `before_fit`, `after_epoch`. Order: 60 (after the recorder and the progress table
+    have the epoch, and after `SaveBestCB` has saved it).
+
+    Args:
+        monitor: key of `learn.recorder.history`. Default "valid_loss".
+        mode: "min" or "max". Default "min".
+        patience: epochs without improvement before stopping (0 stops at the first). Default 3.
+        min_delta: smallest change that counts as an improvement. Default 0.
+
+    Example:
+        >>> learn.fit(50, cbs=[EarlyStoppingCB("accuracy", mode="max", patience=2)])
+        >>> learn.early_stopping.reason  # while the callback is in learn.cbs
+    """
+
+    order = 60
+
+    def __init__(
+        self,
+        monitor: str = "valid_loss",
+        mode: str = "min",
+        patience: int = 3,
+        min_delta: float = 0.0,
+    ) -> None:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"patience must be an int >= 0, got {patience!r}.")
+        self.monitor = Monitor(monitor, mode, min_delta)
+        self.patience = patience
+        self.best, self.best_epoch, self.wait = self.monitor.worst, -1, 0
+        self.stopped_epoch: int | None = None
+        self.reason: str | None = None
+
+    def before_fit(self, learn: Learner) -> None:
+        self.monitor.check(learn, type(self).__name__)
+        self.best, self.best_epoch, self.wait = self.monitor.worst, -1, 0
+        self.stopped_epoch, self.reason = None, None
+
+    def after_epoch(self, learn: Learner) -> None:
+        value = self.monitor.value(learn)
+        if value is None:
+            return
+        if self.monitor.better(value, self.best):
+            self.best, self.best_epoch, self.wait = value, learn.epoch, 0
+            return
+        self.wait += 1
+        if self.wait < self.patience:
+            return
+        m = self.monitor
+        if self.best_epoch < 0:  # every value so far was NaN
+            what = f"has had no usable value for {self.wait} epoch(s)"
+        else:
+            delta = f" by more than {m.min_delta:g}" if m.min_delta else ""
+            what = (
+                f"has not improved{delta} for {self.wait} epoch(s) on its best, "
+                f"{self.best:.6g} at epoch {self.best_epoch}"
+            )
+        self.stopped_epoch = learn.epoch
+        self.reason = f"EarlyStoppingCB: stopped after epoch {learn.epoch}: {m.name} {what}."
+        print(self.reason, flush=True)
+        raise CancelFitException(self.reason)
+
+
+class SaveBestCB(Callback):
+    """Saves the model's weights whenever a monitored value improves, and can load the best back.
+
+    After each epoch that improves `monitor` (a key of `learn.recorder.history`) by more than
+    `min_delta`, `model.state_dict()` is written to `path` with `atomic_save`, so a crash mid-write
+    leaves the previous best intact. With `load_best=True`, the best weights are loaded into the
+    model when the fit ends: normally, stopped early (`EarlyStoppingCB`, `TerminateOnNaNCB`), or
+    interrupted; not when no epoch was saved in this fit. `best` and `best_epoch` say what was
+    kept. Each `fit` starts afresh, overwriting `path`.
+
+    The file holds only tensors: load it elsewhere with
+    `model.load_state_dict(torch.load(path, weights_only=True))`.
+
+    Events: `before_fit`, `after_epoch`, `cleanup_fit`. Order: 55 (after the recorder, before
+    `EarlyStoppingCB` ends the fit).
+
+    Args:
+        path: file to write. Default "best.pt".
+        monitor: key of `learn.recorder.history`. Default "valid_loss".
+        mode: "min" or "max". Default "min".
+        min_delta: smallest change that counts as an improvement. Default 0.
+        load_best: load the best weights at the end of fit. Default False.
+
+    Example:
+        >>> cbs = [SaveBestCB("models/best.pt", "accuracy", mode="max", load_best=True),
+        ...        EarlyStoppingCB("accuracy", mode="max", patience=3)]
+        >>> learn.fit(50, cbs=cbs)
+    """
+
+    order = 55
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = "best.pt",
+        monitor: str = "valid_loss",
+        mode: str = "min",
+        min_delta: float = 0.0,
+        load_best: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.monitor = Monitor(monitor, mode, min_delta)
+        self.load_best = load_best
+        self.best, self.best_epoch = self.monitor.worst, -1
+
+    def before_fit(self, learn: Learner) -> None:
+        self.monitor.check(learn, type(self).__name__)
+        self.best, self.best_epoch = self.monitor.worst, -1
+
+    def after_epoch(self, learn: Learner) -> None:
+        value = self.monitor.value(learn)
+        if value is not None and self.monitor.better(value, self.best):
+            atomic_save(learn.model.state_dict(), self.path)
+            self.best, self.best_epoch = value, learn.epoch
+
+    def cleanup_fit(self, learn: Learner) -> None:
+        if not (self.load_best and self.best_epoch >= 0):
+            return
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        learn.model.load_state_dict(state)
+        print(
+            f"SaveBestCB: loaded the weights of epoch {self.best_epoch} "
+            f"({self.monitor.name} {self.best:.6g}) from {self.path}.",
+            flush=True,
+        )
+
+
+class TerminateOnNaNCB(Callback):
+    """Stops training as soon as a training loss is NaN or infinite, before the weights change.
+
+    At `after_loss` of a training batch, a non-finite loss ends the fit with `CancelFitException`,
+    before `backward` and the optimizer step: the weights are those after the last batch with a
+    finite loss, and nothing is recorded for the bad batch. The message, naming the epoch and the
+    batch, is printed and kept in `reason`; `stopped_epoch` and `stopped_batch` hold the indices.
+    It reads the loss on the host every training batch (on a GPU, one synchronisation per batch).
+
+    Events: `before_fit`, `after_loss`. Order: 60 (after callbacks that change the loss).
+
+    Example:
+        >>> learn.fit(10, cbs=[TerminateOnNaNCB()])
+    """
+
+    order = 60
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.stopped_epoch: int | None = None
+        self.stopped_batch: int | None = None
+
+    @property
+    def name(self) -> str:
+        """`learn.terminate_on_nan`."""
+        return "terminate_on_nan"
+
+    def before_fit(self, learn: Learner) -> None:
+        self.reason, self.stopped_epoch, self.stopped_batch = None, None, None
+
+    def after_loss(self, learn: Learner) -> None:
+        if not learn.training or bool(torch.isfinite(learn.loss).all()):
+            return
+        loss: Any = learn.loss.detach()
+        loss = loss.item() if loss.numel() == 1 else loss.tolist()
+        self.stopped_epoch, self.stopped_batch = learn.epoch, learn.iter
+        self.reason = (
+            f"TerminateOnNaNCB: the training loss is {loss} at epoch {learn.epoch}, batch "
+            f"{learn.iter}; stopped before the optimizer step, so the weights are those after "
+            "the previous batch."
+        )
+        print(self.reason, flush=True)
+        raise CancelFitException(self.reason)
