@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,9 +21,7 @@ from learner._checks import (
     check_not_empty,
     describe,
 )
-
-if TYPE_CHECKING:
-    from learner.callbacks.lr_finder import LRFindResult, Suggest
+from learner.extras import LearnerExtras
 
 __all__ = [
     "EVENTS",
@@ -110,7 +108,7 @@ class Callback:
         return f"{type(self).__name__}(order={self.order})"
 
 
-class Learner:
+class Learner(LearnerExtras):
     """Bundles a model, data loaders, a loss function and an optimizer, and trains with `fit`.
 
     Args:
@@ -386,48 +384,3 @@ class Learner:
         """`self.opt.zero_grad()`."""
         assert self.opt is not None
         self.opt.zero_grad()
-
-    # -- looking inside: kept in learner/inspect.py, so the loop above stays short ----------------
-
-    def show_training_loop(self) -> str:
-        """Print (and return) each event in order with the callbacks that run at it."""
-        from learner.inspect import show_training_loop
-
-        return show_training_loop(self)
-
-    def summary(self) -> str:
-        """Print (and return) each top-level layer's output shape for one batch, its parameter
-        count and whether it trains; see `learner.inspect.summary`."""
-        from learner.inspect import summary
-
-        return summary(self)
-
-    # -- features: each a thin delegation to its module, imported here to avoid an import cycle --
-
-    def lr_find(
-        self,
-        start_lr: float = 1e-7,
-        end_lr: float = 10.0,
-        num_it: int = 100,
-        stop_factor: float | None = 4.0,
-        suggest: Suggest | None = None,
-    ) -> LRFindResult:
-        """Learning-rate finder that leaves no trace: `learner.callbacks.lr_finder.lr_find`."""
-        from learner.callbacks.lr_finder import lr_find, valley
-
-        return lr_find(self, start_lr, end_lr, num_it, stop_factor, suggest or valley)
-
-    def fit_one_cycle(
-        self,
-        n_epochs: int,
-        lr_max: float | None = None,
-        div: float = 25.0,
-        div_final: float = 1e5,
-        pct_start: float = 0.25,
-        moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
-        cbs: Iterable[Callback] | None = None,
-    ) -> None:
-        """One-cycle training, as fastai's: `learner.callbacks.schedule.fit_one_cycle`."""
-        from learner.callbacks.schedule import fit_one_cycle
-
-        fit_one_cycle(self, n_epochs, lr_max, div, div_final, pct_start, moms, cbs)
