@@ -89,7 +89,8 @@ class TensorLoaderShard:
             total = math.ceil(stop / ws) * ws
             perm = torch.cat([perm, perm.repeat(math.ceil(total / stop))[: total - stop]])
         idx = perm[self.rank :: ws].to(ld.device)
-        for chunk in idx.split(ld.bs):
+        for i in range(0, len(idx), ld.bs):  # not idx.split: it yields one empty batch if empty
+            chunk = idx[i : i + ld.bs]
             yield tuple([t.index_select(0, chunk) for t in ld.tensors])
         if ld.shuffle and ld.generator is not None:
             torch.randperm(n, generator=generator)  # TensorLoader's extra draw at epoch end
@@ -105,6 +106,9 @@ def _broadcast(t: Tensor) -> Tensor:
     out = t.to(device)
     dist.broadcast(out, src=0)
     return out.to(t.device)
+
+
+_n_groups = 0  # process groups made by DistributedCB in this process (see _init_group)
 
 
 def _nccl() -> bool:
@@ -291,7 +295,14 @@ class DistributedCB(Callback):
             )
         backend = self.backend or ("nccl" if device.type == "cuda" else "gloo")
         kwargs: dict[str, Any] = {} if self.timeout is None else {"timeout": self.timeout}
-        dist.init_process_group(backend, **kwargs)
+        # A group made again after destroy_process_group (a second fit) would read the first
+        # one's connection keys from the launcher's store, and hang or fail to connect: each
+        # group this process makes gets keys of its own. Every rank counts its groups alike.
+        global _n_groups
+        store, group_rank, size = next(dist.rendezvous("env://", **kwargs))
+        store = dist.PrefixStore(f"learner_group_{_n_groups}", store)
+        dist.init_process_group(backend, store=store, rank=group_rank, world_size=size, **kwargs)
+        _n_groups += 1
         self.created_group = True
 
     def before_train(self, learn: Learner) -> None:
