@@ -9,7 +9,8 @@ CASE "train": the Learner creates (and destroys) the process group itself:
 then with a process group the script made (it must survive the fits):
   - "dataloader": torch DataLoaders, sharded with DistributedSampler;
   - "nan": rank 1's loss turns NaN at one batch, TerminateOnNaNCB stops both ranks there;
-  - "signal": a callback on rank 1 alone asks to stop, `ranks_where` stops both.
+  - "signal": a callback on rank 1 alone asks to stop, `ranks_where` stops both; the ranks'
+    global RNGs differ, yet they share out one permutation per epoch.
 CASE "raise": rank 1 raises in the middle of an epoch; the launch must end, with an error.
 """
 
@@ -55,7 +56,6 @@ def main(out: Path, case: str) -> None:
     from learner.distributed import rank, ranks_where
 
     r = rank()
-    torch.manual_seed(100 + r)  # ranks with different random states must still agree on the data
 
     def learner(dls: Any) -> Learner:
         learn = Learner(model(), dls, F.cross_entropy, lr=LR, opt_func=torch.optim.SGD,
@@ -116,9 +116,23 @@ def main(out: Path, case: str) -> None:
             if ranks_where(r == 1 and learn.epoch == 1):
                 raise CancelFitException()
 
+    class SeenCB(Callback):  # the training samples of each epoch, by their first feature
+        def __init__(self) -> None:
+            self.seen: list[list[float]] = []
+
+        def before_epoch(self, learn: Learner) -> None:
+            self.seen.append([])
+
+        def after_batch(self, learn: Learner) -> None:
+            if learn.training:
+                self.seen[-1] += learn.batch[0][:, 0].tolist()
+
+    # No generator: the loaders shuffle from the global RNG, seeded differently on each rank
+    # (as for per-rank augmentation); the ranks must still agree on each epoch's permutation.
     learn = learner(DataLoaders.from_tensors(*problem(), bs=BS))
-    learn.fit(EPOCHS + 2, cbs=[StopOnRank1CB()])
-    save("signal", learn)
+    torch.manual_seed(100 + r)
+    learn.fit(EPOCHS + 2, cbs=[StopOnRank1CB(), seen := SeenCB()])
+    save("signal", learn, seen=seen.seen)
     dist.destroy_process_group()
 
 

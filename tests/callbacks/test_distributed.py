@@ -23,7 +23,9 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from learner import (
     Callback,
+    CSVLoggerCB,
     DistributedCB,
+    EarlyStoppingCB,
     Learner,
     ProgressCB,
     TensorLoader,
@@ -361,6 +363,25 @@ def test_one_ranks_signal_stops_both(runs: dict[str, Any]) -> None:
     assert len(r0["history"]) == len(r1["history"]) == 2  # of 5 epochs: stopped after epoch 1
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k])
+    # The ranks' random states differ (seeded 100 + rank), yet each epoch they share out one
+    # permutation: every training sample once, none on both ranks, a new order each epoch.
+    everything = sorted(ds.problem()[0][:, 0].tolist())
+    for seen0, seen1 in zip(r0["seen"], r1["seen"]):
+        assert sorted(seen0 + seen1) == everything
+    assert r0["seen"][0] != r0["seen"][1]
+
+
+def test_only_rank_zero_prints_and_logs(
+    tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it; read while there is no process group
+    stop = EarlyStoppingCB(patience=0, min_delta=10.0)  # stops, and says so, after epoch 1
+    learn = Learner(**tiny, cbs=[CSVLoggerCB(tmp_path / "h.csv"), stop])
+    learn.fit(3)
+    assert capsys.readouterr().out == "" and not (tmp_path / "h.csv").exists()
+    monkeypatch.setenv("RANK", "0")
+    learn.fit(3)
+    assert "EarlyStoppingCB" in capsys.readouterr().out and (tmp_path / "h.csv").exists()
 
 
 @needs_gloo
