@@ -15,6 +15,7 @@ Run from the repository root:
     python examples/train_mnist.py --epochs 1 --n-train 5000   # a quick look
     python examples/train_mnist.py --dataset digits --model mlp  # no MNIST needed
     python examples/train_mnist.py --help
+    torchrun --nproc_per_node=2 examples/train_mnist.py   # one process per GPU (or CPU share)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import nn
 
 from learner import Learner, accuracy
 from learner.data import DataLoaders, DataNotFoundError, data_root, digits, mnist
+from learner.distributed import is_main_process
 
 
 def arg(default: Any, help: str) -> Any:
@@ -120,7 +122,9 @@ start = time.time()
 learn.fit(args.epochs)
 elapsed = time.time() - start
 
-# -- save the plots and the weights -----------------------------------------------------------
+# -- save the plots and the weights (under torchrun, once: rank 0) -------------------------------
+if not is_main_process():
+    raise SystemExit
 out = Path(args.out_dir)
 out.mkdir(parents=True, exist_ok=True)
 learn.recorder.plot_loss().savefig(out / "train_mnist_loss.png", dpi=100)

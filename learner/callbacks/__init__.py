@@ -7,6 +7,7 @@ from typing import Any
 from learner.callbacks.activation_stats import ActivationStatsCB
 from learner.callbacks.csv_logger import CSVLoggerCB
 from learner.callbacks.device import DeviceCB, default_device, to_device
+from learner.callbacks.distributed import DistributedCB, TensorLoaderShard, shard_loader
 from learner.callbacks.grad_accum import GradAccumCB
 from learner.callbacks.grad_clip import GradClipCB
 from learner.callbacks.lr_finder import LRFinderCB, LRFindResult, lr_find, steep, valley
@@ -31,11 +32,13 @@ from learner.callbacks.tensorboard import TensorBoardCB
 from learner.callbacks.tracker import EarlyStoppingCB, Monitor, SaveBestCB, TerminateOnNaNCB
 from learner.callbacks.train_eval import TrainEvalCB
 from learner.core import Callback
+from learner.distributed import torchrun_env
 
 __all__ = [
     "ActivationStatsCB",
     "CSVLoggerCB",
     "DeviceCB",
+    "DistributedCB",
     "EarlyStoppingCB",
     "GradAccumCB",
     "GradClipCB",
@@ -51,6 +54,7 @@ __all__ = [
     "SaveBestCB",
     "Schedule",
     "TensorBoardCB",
+    "TensorLoaderShard",
     "TerminateOnNaNCB",
     "TrainEvalCB",
     "accuracy",
@@ -65,6 +69,7 @@ __all__ = [
     "sched_lin",
     "sched_no",
     "set_hyper",
+    "shard_loader",
     "steep",
     "to_device",
     "valley",
@@ -72,7 +77,10 @@ __all__ = [
 
 
 def default_callbacks(metrics: Any = None) -> list[Callback]:
-    """The callbacks `Learner(default_cbs=True)` adds; `metrics` as in `Learner(metrics=...)`."""
+    """The callbacks `Learner(default_cbs=True)` adds; `metrics` as in `Learner(metrics=...)`.
+
+    Under torchrun with more than one process (`learner.distributed.torchrun_env()`), also a
+    `DistributedCB`, so a script runs unchanged on one process or many."""
     if metrics is None:
         metrics_cb = MetricsCB()
     elif isinstance(metrics, dict):
@@ -81,4 +89,5 @@ def default_callbacks(metrics: Any = None) -> list[Callback]:
         metrics_cb = MetricsCB(*metrics)
     else:
         metrics_cb = MetricsCB(metrics)
-    return [TrainEvalCB(), DeviceCB(), metrics_cb, RecorderCB(), ProgressCB()]
+    cbs = [TrainEvalCB(), DeviceCB(), metrics_cb, RecorderCB(), ProgressCB()]
+    return [*cbs, DistributedCB()] if torchrun_env() else cbs

@@ -9,6 +9,7 @@ from typing import Any
 
 from learner.callbacks.recorder import RecorderCB, find_recorder
 from learner.core import Callback, Learner
+from learner.distributed import is_main_process
 
 __all__ = ["CSVLoggerCB"]
 
@@ -20,7 +21,8 @@ class CSVLoggerCB(Callback):
     header is written once, and values are written in full precision (`None` as an empty cell).
     Each row is flushed and synced to disk when its epoch ends, so a run that crashes or is killed
     keeps every completed epoch. Rows are written at `cleanup_epoch`, which runs whatever happened,
-    so a callback cancelling at `after_epoch` cannot make a recorded epoch go missing.
+    so a callback cancelling at `after_epoch` cannot make a recorded epoch go missing. Under
+    torch.distributed only rank 0 writes (every rank has the same history).
 
     With `append=False` the file is started afresh at the first fit; later fits of the same
     callback keep adding to it, like the recorder's history. With `append=True` rows are added to
@@ -51,6 +53,9 @@ class CSVLoggerCB(Callback):
 
     def before_fit(self, learn: Learner) -> None:
         self.recorder = find_recorder(learn, "CSVLoggerCB")
+        if not is_main_process():  # every rank has the same history: rank 0 writes it
+            self.recorder = None
+            return
         self.n_written = len(self.recorder.history)  # only epochs from now on
         if self.started:
             return

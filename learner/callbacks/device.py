@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import torch
@@ -13,8 +14,11 @@ __all__ = ["DeviceCB", "default_device", "to_device"]
 
 
 def default_device() -> torch.device:
-    """The best device available: cuda, then mps, then cpu."""
+    """The best device available: cuda, then mps, then cpu. Under torchrun (`$LOCAL_RANK` set),
+    each process on a machine gets its own GPU: `cuda:LOCAL_RANK`."""
     if torch.cuda.is_available():
+        if os.environ.get("LOCAL_RANK", "").strip():
+            return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
         return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")

@@ -18,6 +18,7 @@ from learner.callbacks.recorder import _new_figure, smooth
 from learner.callbacks.schedule import sched_exp, set_hyper
 from learner.core import Callback, CancelFitException, Learner
 from learner.data import DataLoaders
+from learner.distributed import is_distributed, ranks_where
 
 __all__ = ["MIN_POINTS", "LRFindResult", "LRFinderCB", "lr_find", "steep", "valley"]
 
@@ -209,11 +210,15 @@ class LRFinderCB(Callback):
         self.avg = self.beta * self.avg + (1 - self.beta) * loss
         smoothed = self.avg / (1 - self.beta ** len(self.losses))
         self.best = min(self.best, smoothed)
-        if (
+        stop = (
             len(self.losses) >= self.num_it
             or not math.isfinite(smoothed)
             or (self.stop_factor is not None and smoothed > self.stop_factor * self.best)
-        ):
+        )
+        # Under DDP each rank sees its own losses: stop all together when any rank would stop.
+        if is_distributed():  # every rank takes part in the collective, stopping or not
+            stop = bool(ranks_where(stop))
+        if stop:
             raise CancelFitException()
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from learner.core import Callback, Learner, _snake
+from learner.distributed import all_reduce_sum, is_distributed
 
 __all__ = ["MetricsCB", "accuracy", "epoch_summary"]
 
@@ -42,6 +43,16 @@ def _batch_size(batch: Any) -> int:
         return len(targets)
 
 
+def _stateful_compute(metric: Any) -> Any:
+    # torchmetrics metrics sum their states over ranks in compute(); torcheval's need
+    # sync_and_compute. Other stateful metrics must do it themselves.
+    if is_distributed() and type(metric).__module__.startswith("torcheval."):
+        from torcheval.metrics.toolkit import sync_and_compute
+
+        return sync_and_compute(metric)
+    return metric.compute()
+
+
 def _to_python(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
@@ -59,6 +70,11 @@ class MetricsCB(Callback):
     `update(preds, targets)`, `compute()` and `reset()` (torcheval and torchmetrics metrics work as
     given; they are moved to the model's device). The loss is tracked in both phases; metrics are
     computed on the validation phase, or on the training phase when `fit` runs no validation.
+
+    Under torch.distributed (`DistributedCB`) the weighted sums and sample counts of all ranks are
+    added once per phase (float64), so every rank gets the value over the whole dataset. Stateful
+    metrics must sum over ranks themselves: torchmetrics' do in `compute()`, torcheval's are
+    computed with `sync_and_compute`.
 
     After each phase, `values["train"]` or `values["valid"]` holds plain Python numbers, and
     `epoch_summary()` the epoch's row: `train_loss`, `valid_loss` and each metric.
@@ -145,25 +161,32 @@ class MetricsCB(Callback):
 
     def _compute(self) -> dict[str, Any]:
         names = ["loss", *self.metrics] if self.with_metrics else ["loss"]
-        if not self.counts:
-            return dict.fromkeys(names, math.nan)
-        device = self.batch_values["loss"][0].device
+        device = self.batch_values["loss"][0].device if self.counts else self.device
         # float64 keeps the weighted sum exact to ~1e-12 over millions of samples (mps has none).
         dtype = torch.float32 if device.type == "mps" else torch.float64
         weights = torch.tensor(self.counts, dtype=dtype, device=device)
-        per_batch = torch.stack(
-            [
-                torch.stack([v.to(device) for v in vals]).to(dtype)
-                for vals in self.batch_values.values()
-            ]
-        )
-        # One host read for every value of the phase.
-        means = (per_batch @ weights / weights.sum()).tolist()
-        out: dict[str, Any] = dict(zip(self.batch_values, means))
+        if self.counts:
+            per_batch = torch.stack(
+                [
+                    torch.stack([v.to(device) for v in vals]).to(dtype)
+                    for vals in self.batch_values.values()
+                ]
+            )
+            sums = per_batch @ weights
+        else:  # no batch here, but under DDP this rank still takes part in the sum below
+            sums = torch.zeros(len(self.batch_values), dtype=dtype, device=device)
+        # The weighted sums and the sample count of every rank, added in one collective (a no-op
+        # on one process), then read on the host once for every value of the phase.
+        *totals, count = all_reduce_sum(torch.cat([sums, weights.sum().reshape(1)])).tolist()
+        if count == 0:
+            return dict.fromkeys(names, math.nan)
+        out: dict[str, Any] = {
+            name: total / count for name, total in zip(self.batch_values, totals)
+        }
         if self.with_metrics:
             for name, m in self.metrics.items():
                 if _is_stateful(m):
-                    out[name] = _to_python(m.compute())
+                    out[name] = _to_python(_stateful_compute(m))
         return {name: out[name] for name in names}
 
     def after_train(self, learn: Learner) -> None:

@@ -11,6 +11,7 @@ from fastprogress.core import format_time
 
 from learner.callbacks.metrics import epoch_summary
 from learner.core import Callback, Learner
+from learner.distributed import is_main_process
 
 __all__ = ["ProgressCB"]
 
@@ -28,7 +29,8 @@ class ProgressCB(Callback):
     validation loss. In a terminal: one updating line with the running loss. When output is not a
     terminal (a log file, CI): no bars and no carriage returns, just the table, one line per epoch.
     The running loss is read from the device only when the bar redraws (at most every
-    `update_every` seconds), so it does not slow training down.
+    `update_every` seconds), so it does not slow training down. Under torch.distributed only
+    rank 0 shows anything (the table is the same on every rank: `MetricsCB` sums over ranks).
 
     Events: `before_fit`, `before_train`, `before_validate`, `after_batch`, `after_epoch`,
     `cleanup_fit`. Order: 50 (after the callbacks that compute what it shows).
@@ -45,10 +47,14 @@ class ProgressCB(Callback):
         self.pbar: Any = None
         self.mbar: Any = None
         self.bars = self.in_notebook = False
+        self.quiet = False
 
     def before_fit(self, learn: Learner) -> None:
+        self.quiet = not is_main_process()
         self.in_notebook = bool(fp.IN_NOTEBOOK)
-        self.bars = (self.in_notebook or sys.stdout.isatty()) and learn.n_epochs > 0
+        self.bars = (
+            (self.in_notebook or sys.stdout.isatty()) and learn.n_epochs > 0 and not self.quiet
+        )
         self.header_written, self.pbar, self.mbar = False, None, None
         if self.bars:
             mbar_cls = fp.NBMasterBar if self.in_notebook else fp.ConsoleMasterBar
@@ -121,6 +127,8 @@ class ProgressCB(Callback):
         self.pbar = None
 
     def _write(self, row: dict[str, Any]) -> None:
+        if self.quiet:
+            return
         if not self.header_written:
             self.names = list(row)
             self._line(self.names, header=True)

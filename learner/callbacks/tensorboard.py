@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
-
 from learner.callbacks.recorder import RecorderCB, find_recorder
 from learner.core import Callback, Learner
+from learner.distributed import is_main_process
 
 __all__ = ["TensorBoardCB"]
 
@@ -22,11 +21,6 @@ def _summary_writer_class() -> Any:
             "(or pip install tensorboard)."
         ) from e
     return SummaryWriter
-
-
-def _is_rank_zero() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
 class TensorBoardCB(Callback):
@@ -77,7 +71,7 @@ class TensorBoardCB(Callback):
     def before_fit(self, learn: Learner) -> None:
         self.recorder = find_recorder(learn, "TensorBoardCB")
         self.n_batches, self.n_epochs = len(self.recorder.lrs), len(self.recorder.history)
-        if _is_rank_zero():
+        if is_main_process():
             self.writer = self._writer_cls(log_dir=self.log_dir)
 
     def after_batch(self, learn: Learner) -> None:

@@ -12,6 +12,7 @@ import torch
 from learner.callbacks.metrics import epoch_summary
 from learner.callbacks.recorder import RecorderCB
 from learner.core import Callback, CancelFitException, Learner
+from learner.distributed import is_distributed, is_main_process, ranks_where
 from learner.io import atomic_save
 
 __all__ = ["EarlyStoppingCB", "Monitor", "SaveBestCB", "TerminateOnNaNCB"]
@@ -167,7 +168,8 @@ class EarlyStoppingCB(Callback):
             )
         self.stopped_epoch = learn.epoch
         self.reason = f"EarlyStoppingCB: stopped after epoch {learn.epoch}: {m.name} {what}."
-        print(self.reason, flush=True)
+        if is_main_process():
+            print(self.reason, flush=True)
         raise CancelFitException(self.reason)
 
 
@@ -245,6 +247,8 @@ class TerminateOnNaNCB(Callback):
     finite loss, and nothing is recorded for the bad batch. The message, naming the epoch and the
     batch, is printed and kept in `reason`; `stopped_epoch` and `stopped_batch` hold the indices.
     It reads the loss on the host every training batch (on a GPU, one synchronisation per batch).
+    Under torch.distributed a non-finite loss on any rank stops every rank at that batch (one
+    collective per training batch); the message names the ranks.
 
     Events: `before_fit`, `after_loss`. Order: 60 (after callbacks that change the loss).
 
@@ -268,15 +272,24 @@ class TerminateOnNaNCB(Callback):
         self.reason, self.stopped_epoch, self.stopped_batch = None, None, None
 
     def after_loss(self, learn: Learner) -> None:
-        if not learn.training or bool(torch.isfinite(learn.loss).all()):
+        if not learn.training:
+            return
+        finite = bool(torch.isfinite(learn.loss).all())
+        # Under DDP one rank's NaN must stop every rank at the same batch: a rank going on alone
+        # would wait forever in the next gradient all-reduce. One collective per batch.
+        bad_ranks = ranks_where(not finite) if is_distributed() else []
+        if finite and not bad_ranks:
             return
         loss: Any = learn.loss.detach()
         loss = loss.item() if loss.numel() == 1 else loss.tolist()
+        ranks = ", ".join(map(str, bad_ranks))
+        what = f"is not finite on rank {ranks}" if bad_ranks else f"is {loss}"
         self.stopped_epoch, self.stopped_batch = learn.epoch, learn.iter
         self.reason = (
-            f"TerminateOnNaNCB: the training loss is {loss} at epoch {learn.epoch}, batch "
+            f"TerminateOnNaNCB: the training loss {what} at epoch {learn.epoch}, batch "
             f"{learn.iter}; stopped before the optimizer step, so the weights are those after "
             "the previous batch."
         )
-        print(self.reason, flush=True)
+        if is_main_process():
+            print(self.reason, flush=True)
         raise CancelFitException(self.reason)

@@ -1,0 +1,132 @@
+"""Helpers for running under `torch.distributed` (e.g. launched with `torchrun`).
+
+They work the same with or without a process group: without one (a plain `python script.py`)
+the process is rank 0 of 1, reductions return their input, and `is_main_process()` is True. So
+a callback that writes files can guard them with `if is_main_process():` and stay correct in
+both settings. Before the process group is initialised, the rank and world size come from the
+environment variables that `torchrun` sets (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`).
+
+Example:
+    >>> from learner.distributed import is_main_process, rank, world_size
+    >>> if is_main_process():
+    ...     torch.save(learn.model.state_dict(), "model.pt")  # doctest: +SKIP
+    >>> rank(), world_size()  # a plain process
+    (0, 1)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "all_reduce_sum",
+    "is_distributed",
+    "is_main_process",
+    "local_rank",
+    "rank",
+    "ranks_where",
+    "torchrun_env",
+    "unwrap_model",
+    "world_size",
+]
+
+
+def _initialized() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip() else default
+
+
+def rank() -> int:
+    """This process' global rank: from the process group, else `$RANK`, else 0."""
+    return torch.distributed.get_rank() if _initialized() else _env_int("RANK", 0)
+
+
+def world_size() -> int:
+    """The number of processes: from the process group, else `$WORLD_SIZE`, else 1."""
+    return torch.distributed.get_world_size() if _initialized() else _env_int("WORLD_SIZE", 1)
+
+
+def local_rank() -> int:
+    """This process' rank on its machine (`$LOCAL_RANK`, set by torchrun), else 0: its GPU index."""
+    return _env_int("LOCAL_RANK", 0)
+
+
+def is_main_process() -> bool:
+    """Whether this is global rank 0, the process that prints, plots and writes files."""
+    return rank() == 0
+
+
+def is_distributed() -> bool:
+    """Whether a process group with more than one process is initialised (collectives needed)."""
+    return _initialized() and torch.distributed.get_world_size() > 1
+
+
+def torchrun_env() -> bool:
+    """Whether this process was launched by torchrun (or alike) with more than one process:
+    `RANK`, `WORLD_SIZE` and `LOCAL_RANK` are set and `WORLD_SIZE > 1`."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    return all(os.environ.get(n, "").strip() for n in names) and _env_int("WORLD_SIZE", 1) > 1
+
+
+def _collective_device(like: torch.Tensor | None = None) -> torch.device:
+    # nccl reduces CUDA tensors only; gloo takes CPU ones (and CUDA ones, through the host).
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return like.device if like is not None else torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `t` over all processes (a new tensor); `t` itself without a
+    process group of more than one process. Every process must call it, in the same order.
+
+    Example:
+        >>> all_reduce_sum(torch.tensor([1.0, 2.0]))  # one process
+        tensor([1., 2.])
+    """
+    if not is_distributed():
+        return t
+    device = _collective_device(t)
+    out = t.detach().to(device, copy=True)
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+    return out.to(t.device)
+
+
+def ranks_where(flag: bool) -> list[int]:
+    """The ranks on which `flag` is True, the same list on every process: how callbacks make a
+    decision (stop, skip) that all ranks follow, so none waits forever for the others. One
+    collective per call; every process must call it, in the same order.
+
+    Example:
+        >>> if ranks_where(not torch.isfinite(learn.loss)):  # doctest: +SKIP
+        ...     raise CancelFitException()  # on every rank together
+    """
+    if not is_distributed():
+        return [rank()] if flag else []
+    flags = torch.zeros(world_size(), dtype=torch.int32, device=_collective_device())
+    flags[rank()] = int(bool(flag))
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.SUM)
+    return [i for i, f in enumerate(flags.tolist()) if f]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside a `DistributedDataParallel` (or `DataParallel`, or
+    `torch.compile`) wrapper; `model` itself if it is not wrapped. Save its `state_dict()` so the
+    keys carry no `module.` prefix and load into the plain model, with any number of processes.
+    """
+    inner: Any = model
+    while True:
+        if isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = inner.module
+        elif hasattr(inner, "_orig_mod") and isinstance(inner._orig_mod, nn.Module):
+            inner = inner._orig_mod
+        else:
+            return inner

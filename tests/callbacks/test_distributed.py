@@ -1,0 +1,391 @@
+"""DistributedCB and learner.distributed: sharding in one process, then real 2-process runs
+under torchrun (gloo, CPU) compared with single-process runs on the same global batches."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import distributed_script as ds
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from conftest import make_data
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from learner import (
+    Callback,
+    CSVLoggerCB,
+    DistributedCB,
+    EarlyStoppingCB,
+    Learner,
+    ProgressCB,
+    TensorLoader,
+    TensorLoaderShard,
+    TerminateOnNaNCB,
+)
+from learner.callbacks import default_callbacks, shard_loader
+from learner.data import DataLoaders
+from learner.distributed import (
+    all_reduce_sum,
+    is_main_process,
+    rank,
+    ranks_where,
+    torchrun_env,
+    unwrap_model,
+    world_size,
+)
+
+needs_gloo = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
+)
+SCRIPT = Path(__file__).parent.parent / "distributed_script.py"
+ROOT = Path(__file__).parent.parent.parent
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_torchrun_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+# -- helpers without a process group -------------------------------------------------------------
+
+
+def test_helpers_in_a_plain_process() -> None:
+    assert (rank(), world_size(), is_main_process(), torchrun_env()) == (0, 1, True, False)
+    t = torch.tensor([1.5, 2.0])
+    assert all_reduce_sum(t) is t
+    assert ranks_where(True) == [0] and ranks_where(False) == []
+
+
+def test_helpers_read_torchrun_env_before_the_group_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert (rank(), world_size(), is_main_process()) == (3, 4, False)
+    assert not torchrun_env()  # no LOCAL_RANK
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert torchrun_env()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not torchrun_env()
+
+
+def test_default_callbacks_add_distributed_cb_under_torchrun(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert not any(isinstance(cb, DistributedCB) for cb in default_callbacks())
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    assert isinstance(default_callbacks()[-1], DistributedCB)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process: nothing to distribute
+    assert not any(isinstance(cb, DistributedCB) for cb in default_callbacks())
+
+
+def test_unwrap_model() -> None:
+    model = nn.Linear(2, 2)
+    assert unwrap_model(model) is model
+    assert unwrap_model(nn.DataParallel(model)) is model
+    assert unwrap_model(torch.compile(model)) is model
+
+
+# -- sharding -------------------------------------------------------------------------------------
+
+
+def _rows(batches: Any) -> list[list[int]]:
+    return [sorted(yb.tolist()) for _, yb in batches]
+
+
+@pytest.mark.parametrize("n", [35, 36, 37])
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("world", [2, 3])
+def test_tensor_shards_together_make_the_global_batches(
+    n: int, drop_last: bool, world: int
+) -> None:
+    x, y = torch.zeros(n, 1), torch.arange(n)
+    bs, g = 4, lambda: torch.Generator().manual_seed(5)
+    whole = TensorLoader(x, y, bs=world * bs, shuffle=True, drop_last=drop_last, generator=g())
+    shards = [
+        TensorLoaderShard(
+            TensorLoader(x, y, bs=bs, shuffle=True, drop_last=drop_last, generator=g()), r, world
+        )
+        for r in range(world)
+    ]
+    for _ in range(2):  # two epochs: the random streams stay in step
+        per_rank = [_rows(s) for s in shards]
+        assert all(len(rows) == len(s) for rows, s in zip(per_rank, shards))
+        assert len({len(rows) for rows in per_rank}) == 1  # DDP needs as many batches on each
+        pad = math.ceil(n / world) * world - n if not drop_last else 0
+        expected = _rows(whole)
+        for k, want in enumerate(expected):
+            got = sorted(i for rows in per_rank for i in rows[k])
+            if k < len(expected) - 1 or not pad:
+                assert got == want
+            else:  # the padding repeats samples from the start of the epoch, as DistributedSampler
+                extra = list((Counter(got) - Counter(want)).elements())
+                assert len(got) == len(want) + pad and len(extra) == pad
+                assert set(extra) <= set(expected[0])
+
+
+def test_shards_of_fewer_samples_than_ranks() -> None:
+    x, y = torch.zeros(3, 1), torch.arange(3)
+    padded = [_rows(TensorLoaderShard(TensorLoader(x, y, bs=4), r, 4)) for r in range(4)]
+    assert padded == [[[0]], [[1]], [[2]], [[0]]]
+    dropped = TensorLoaderShard(TensorLoader(x, y, bs=4, drop_last=True), 0, 4)
+    assert len(dropped) == 0 and list(dropped) == []
+
+
+@pytest.mark.parametrize("n", [13, 14, 1])
+def test_validation_shards_hold_every_sample_once(n: int) -> None:
+    x, y = torch.zeros(n, 1), torch.arange(n)
+    tensors = [_rows(TensorLoaderShard(TensorLoader(x, y, bs=3), r, 2, pad=False)) for r in (0, 1)]
+    loaders = [
+        _rows(shard_loader(DataLoader(TensorDataset(x, y), 3), r, 2, pad=False)) for r in (0, 1)
+    ]
+    for per_rank in (tensors, loaders):
+        assert sorted(i for rows in per_rank for row in rows for i in row) == list(range(n))
+
+
+def test_dataloader_training_shards_use_distributed_sampler() -> None:
+    x, y = make_data(10)
+    dl = DataLoader(TensorDataset(x, y), batch_size=2, shuffle=True, num_workers=0)
+    shards = [shard_loader(dl, r, 2, pad=True) for r in (0, 1)]
+    assert all(isinstance(s.sampler, torch.utils.data.DistributedSampler) for s in shards)
+    assert all(s.sampler.shuffle and s.batch_size == 2 for s in shards)
+    assert shard_loader(shards[0], 0, 2, pad=True) is shards[0]  # already sharded: left alone
+
+
+class _Stream(IterableDataset[Any]):
+    def __iter__(self) -> Iterator[Any]:
+        return iter([])
+
+
+@pytest.mark.parametrize(
+    "dl, match",
+    [
+        ([(torch.zeros(1), torch.zeros(1))], "shard=False"),
+        (DataLoader(_Stream(), batch_size=2), "IterableDataset"),
+        (DataLoader(TensorDataset(torch.zeros(4)), batch_size=None), "batch_size"),
+    ],
+)
+def test_unshardable_loaders_are_a_clear_error(dl: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        shard_loader(dl, 0, 2, pad=True)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="backend"):
+        DistributedCB(backend=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="timedelta"):
+        DistributedCB(timeout=30)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rank"):
+        TensorLoaderShard(TensorLoader(torch.zeros(2)), 2, 2)
+
+
+def test_no_process_group_and_no_torchrun_is_a_clear_error(tiny: dict[str, Any]) -> None:
+    learn = Learner(**tiny, cbs=[DistributedCB(shard=False)])
+    with pytest.raises(RuntimeError, match="torchrun"):
+        learn.fit(1)
+    assert learn.model is tiny["model"]
+
+
+# -- one process with a real process group --------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@needs_gloo
+def test_group_made_by_the_learner_is_destroyed_a_users_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    x, y, xv, yv = ds.problem()
+    dls = DataLoaders.from_tensors(x, y, xv, yv, bs=4)
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    model = ds.model()
+    seen: list[Any] = []
+    learn = Learner(model, dls, F.cross_entropy, cbs=[DistributedCB()])
+    learn.fit(1, cbs=[_ModelSpy(seen)])
+    assert not dist.is_initialized()
+    assert learn.model is model and learn.dls is dls
+    # DDP only while training; validation and everything else see the user's model.
+    assert seen == [("train", True), ("validate", False), ("epoch", False)]
+
+    dist.init_process_group("gloo")
+    try:
+        learn.fit(1)
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
+class _ModelSpy(Callback):
+    order = 0
+
+    def __init__(self, seen: list[Any]) -> None:
+        self.seen = seen
+
+    def after_train(self, learn: Learner) -> None:
+        self.seen.append(("train", isinstance(learn.model, nn.parallel.DistributedDataParallel)))
+
+    def after_validate(self, learn: Learner) -> None:
+        self.seen.append(("validate", isinstance(learn.model, nn.parallel.DistributedDataParallel)))
+
+    def after_epoch(self, learn: Learner) -> None:
+        self.seen.append(("epoch", isinstance(learn.model, nn.parallel.DistributedDataParallel)))
+
+
+# -- two processes under torchrun ---------------------------------------------------------------
+
+
+def _torchrun(out: Path, case: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(SCRIPT), str(out), case]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    out = tmp_path_factory.mktemp("ddp")
+    proc = _torchrun(out, "train", timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = ("tensors", "dataloader", "nan", "signal")
+    return {
+        n: [torch.load(out / f"{n}_rank{r}.pt", weights_only=False) for r in (0, 1)] for n in names
+    }
+
+
+def _oracle(dls: Any, epochs: tuple[int, ...] = (ds.EPOCHS,), **kw: Any) -> Learner:
+    kw = {"loss_func": F.cross_entropy, "metrics": ds.metrics(), **kw}
+    learn = Learner(ds.model(), dls, lr=ds.LR, opt_func=torch.optim.SGD, **kw)
+    learn.remove_cb(learn.progress)
+    for n in epochs:
+        learn.fit(n)
+    return learn
+
+
+def _assert_matches(run: list[dict[str, Any]], oracle: Learner) -> None:
+    r0, r1 = run
+    for k in r0["state"]:  # DDP keeps the ranks bit-identical
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+    assert r0["history"] == r1["history"]  # every rank has the same (summed) history
+    for k, v in oracle.model.state_dict().items():
+        torch.testing.assert_close(r0["state"][k], v, rtol=0, atol=1e-6)
+    assert len(r0["history"]) == len(oracle.recorder.history)
+    for got, want in zip(r0["history"], oracle.recorder.history):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    # Per-batch losses are each rank's own; with equal shards their mean is the global batch's.
+    mean = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]
+    assert mean == pytest.approx(oracle.recorder.losses, abs=1e-6)
+
+
+def test_tensor_loaders_match_one_process_on_the_global_batches(runs: dict[str, Any]) -> None:
+    g = torch.Generator().manual_seed(ds.SEED)
+    dls = DataLoaders.from_tensors(*ds.problem(), bs=2 * ds.BS, generator=g)
+    oracle = _oracle(dls, epochs=(ds.EPOCHS - 1, 1))  # as the script: two fits
+    _assert_matches(runs["tensors"], oracle)
+    # The validation set has an odd size, so the ranks hold 7 and 6 samples: the accuracy is
+    # still a whole number of the 13, as on one process.
+    assert ds.N_VALID % 2 == 1
+    acc = runs["tensors"][0]["history"][-1]["accuracy"]
+    assert acc * ds.N_VALID == pytest.approx(round(acc * ds.N_VALID), abs=1e-6)
+
+
+class _DistributedSamplerOrder:
+    """The global batches that DistributedSampler(seed=0) shards, epoch after epoch."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, bs: int) -> None:
+        self.x, self.y, self.bs, self.epoch = x, y, bs, 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        perm = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.epoch))
+        self.epoch += 1
+        for idx in perm.split(self.bs):
+            yield self.x[idx], self.y[idx]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.bs)
+
+
+def test_dataloaders_match_one_process_on_the_global_batches(runs: dict[str, Any]) -> None:
+    x, y, xv, yv = ds.problem()
+    assert ds.N_TRAIN % 2 == 0  # no padding, so one process sees exactly the same samples
+    dls = DataLoaders(
+        _DistributedSamplerOrder(x, y, 2 * ds.BS), [(xv[:5], yv[:5]), (xv[5:], yv[5:])]
+    )
+    _assert_matches(runs["dataloader"], _oracle(dls))
+
+
+def test_a_nan_on_one_rank_stops_both_at_that_batch(runs: dict[str, Any]) -> None:
+    def nan_at(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(preds, targets)
+        bad = learn.training and learn.epoch == 1 and learn.iter == 2
+        return loss * torch.nan if bad else loss
+
+    g = torch.Generator().manual_seed(ds.SEED)
+    dls = DataLoaders.from_tensors(*ds.problem(), bs=2 * ds.BS, generator=g)
+    learn = Learner(ds.model(), dls, nan_at, lr=ds.LR, opt_func=torch.optim.SGD)
+    learn.fit(ds.EPOCHS, cbs=[TerminateOnNaNCB(), ProgressCB()])
+    r0, r1 = runs["nan"]
+    assert (r0["epoch"], r0["batch"]) == (r1["epoch"], r1["batch"]) == (1, 2)
+    assert "rank 1" in r0["reason"] and r0["reason"] == r1["reason"]
+    for k, v in learn.model.state_dict().items():
+        assert torch.equal(r0["state"][k], r1["state"][k])
+        torch.testing.assert_close(r0["state"][k], v, rtol=0, atol=1e-6)
+    # Both ranks stopped before the step of that batch: 5 batches of epoch 0, 2 of epoch 1.
+    assert len(r0["losses"]) == len(r1["losses"]) == len(learn.recorder.losses) == 7
+
+
+def test_one_ranks_signal_stops_both(runs: dict[str, Any]) -> None:
+    r0, r1 = runs["signal"]
+    assert len(r0["history"]) == len(r1["history"]) == 2  # of 5 epochs: stopped after epoch 1
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k])
+    # The ranks' random states differ (seeded 100 + rank), yet each epoch they share out one
+    # permutation: every training sample once, none on both ranks, a new order each epoch.
+    everything = sorted(ds.problem()[0][:, 0].tolist())
+    for seen0, seen1 in zip(r0["seen"], r1["seen"]):
+        assert sorted(seen0 + seen1) == everything
+    assert r0["seen"][0] != r0["seen"][1]
+
+
+def test_only_rank_zero_prints_and_logs(
+    tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it; read while there is no process group
+    stop = EarlyStoppingCB(patience=0, min_delta=10.0)  # stops, and says so, after epoch 1
+    learn = Learner(**tiny, cbs=[CSVLoggerCB(tmp_path / "h.csv"), stop])
+    learn.fit(3)
+    assert capsys.readouterr().out == "" and not (tmp_path / "h.csv").exists()
+    monkeypatch.setenv("RANK", "0")
+    learn.fit(3)
+    assert "EarlyStoppingCB" in capsys.readouterr().out and (tmp_path / "h.csv").exists()
+
+
+@needs_gloo
+def test_a_failing_rank_does_not_hang_the_other(tmp_path: Path) -> None:
+    proc = _torchrun(tmp_path, "raise", timeout=120)  # a hang would raise TimeoutExpired
+    assert proc.returncode != 0
+    assert "rank 1 failed on purpose" in proc.stdout + proc.stderr
