@@ -2,6 +2,7 @@
 
 from learner.callbacks import (
     ActivationStatsCB,
+    CheckpointCB,
     CSVLoggerCB,
     DeviceCB,
     EarlyStoppingCB,
@@ -62,6 +63,7 @@ __all__ = [
     "CancelStepException",
     "CancelTrainException",
     "CancelValidateException",
+    "CheckpointCB",
     "DataLoaders",
     "DeviceCB",
     "EarlyStoppingCB",

@@ -191,7 +191,7 @@ def read_checkpoint(path: StrPath) -> dict[str, Any]:
             "not a learner checkpoint, and loading it could run code: refused (weights_only). "
             f"{str(e).splitlines()[0]}"
         ) from e
-    except (RuntimeError, EOFError, OSError) as e:
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... by format
         raise ValueError(
             f"{path} is not a readable torch file: it may be truncated (a copy that did not "
             f"finish) or of another format. ({str(e).splitlines()[0]})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from learner.callbacks.activation_stats import ActivationStatsCB
+from learner.callbacks.checkpoint import CheckpointCB
 from learner.callbacks.csv_logger import CSVLoggerCB
 from learner.callbacks.device import DeviceCB, default_device, to_device
 from learner.callbacks.grad_accum import GradAccumCB
@@ -35,6 +36,7 @@ from learner.core import Callback
 __all__ = [
     "ActivationStatsCB",
     "CSVLoggerCB",
+    "CheckpointCB",
     "DeviceCB",
     "EarlyStoppingCB",
     "GradAccumCB",
