@@ -1,4 +1,4 @@
-"""The runs of the resume tests (tests/test_checkpoint.py).
+"""The runs of the resume tests (tests/test_save_load_resume.py).
 
 Imported, it builds their learners. Run as a script, it resumes checkpoints in a new process:
 `python resume_run.py OUT CONFIG=CHECKPOINT ...` trains each to the end with

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from learner import CheckpointCB, Learner
+from learner import Callback, CheckpointCB, Learner
 
 
 def _progress(path: Path) -> tuple[int, int]:
@@ -60,3 +60,39 @@ def test_the_sigint_handler_is_put_back(tiny: dict[str, Any], tmp_path: Path) ->
 def test_bad_arguments(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         CheckpointCB("ck.pt", **kwargs)
+
+
+class CtrlC(Callback):
+    """Sends this process SIGINT `times` times at `after_loss` of the given batch and phase."""
+
+    def __init__(self, epoch: int, iter: int, training: bool, times: int = 1) -> None:
+        self.at, self.times = (epoch, iter, training), times
+
+    def after_loss(self, learn: Learner) -> None:
+        if (learn.epoch, learn.iter, learn.training) == self.at:
+            for _ in range(self.times):
+                signal.raise_signal(signal.SIGINT)
+
+
+@pytest.mark.parametrize(
+    ("training", "times", "written", "n_losses"),
+    [(True, 1, [(0, 2)], 2), (False, 1, [(1, 0)], 2), (True, 2, [], 1)],
+)
+def test_ctrl_c_finishes_the_step_writes_then_stops(
+    tiny: dict[str, Any],
+    tmp_path: Path,
+    training: bool,
+    times: int,
+    written: list[Any],
+    n_losses: int,
+) -> None:
+    # During training: after the batch; during validation: after the epoch; twice: at once.
+    learn = Learner(**tiny)
+    cb = CheckpointCB(tmp_path / "ck.pt", every_n_epochs=None)
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit(3, cbs=[cb, CtrlC(0, 1 if training else 0, training, times)])
+    assert cb.written == written
+    assert len(learn.recorder.losses) == n_losses
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    learn.fit(1)  # still usable
+    assert len(learn.recorder.losses) == n_losses + 2
