@@ -359,6 +359,8 @@ class Resume(Callback):
 
     def before_fit(self, learn: Learner) -> None:
         _apply(learn, self.ckpt, self.path, with_opt=True, resume=True)
+        # Keep what the first training phase needs, not a second copy of the weights.
+        self.ckpt = {k: self.ckpt[k] for k in ("progress", "rng", "epoch_rng")}
         epoch, self.start_iter = self.ckpt["progress"]["epoch"], self.ckpt["progress"]["iter"]
         if epoch >= learn.n_epochs:
             print(
