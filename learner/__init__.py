@@ -2,6 +2,7 @@
 
 from learner.callbacks import (
     ActivationStatsCB,
+    CheckpointCB,
     CSVLoggerCB,
     DeviceCB,
     DistributedCB,
@@ -64,6 +65,7 @@ __all__ = [
     "CancelStepException",
     "CancelTrainException",
     "CancelValidateException",
+    "CheckpointCB",
     "DataLoaders",
     "DeviceCB",
     "DistributedCB",

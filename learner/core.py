@@ -6,6 +6,7 @@ Read top to bottom: the cancel exceptions, the event list, `Callback`, then `Lea
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -76,6 +77,9 @@ EVENTS = (
     "cleanup_batch", "after_train", "cleanup_train", "before_validate", "after_validate",
     "cleanup_validate", "after_epoch", "cleanup_epoch", "after_fit", "cleanup_fit",
 )  # fmt: skip
+
+
+_STEP: Any = object()  # `learn.predict()` without an input: the training step
 
 
 def _snake(name: str) -> str:
@@ -152,6 +156,7 @@ class Learner(LearnerExtras):
         self.cbs: list[Callback] = []
         self._handlers: dict[str, list[tuple[Callback, Callable[[Learner], None]]]] = {}
         self.epoch, self.n_epochs, self.iter, self.training = 0, 0, 0, False
+        self.start_epoch = 0  # the first epoch `fit` runs: a resumed fit starts mid-run
         self.dl: Any = None  # the loader of the running phase
         self.batch: Any = None
         self.preds: Any = None
@@ -235,15 +240,19 @@ class Learner(LearnerExtras):
         cbs: Iterable[Callback] | None = None,
         train: bool = True,
         valid: bool = True,
+        resume_from: str | os.PathLike[str] | None = None,
     ) -> None:
         """Train for `n_epochs` epochs, each a training then a validation phase.
 
         Args:
-            n_epochs: number of epochs (0 runs before_fit/after_fit only).
+            n_epochs: number of epochs (0 runs before_fit/after_fit only); when resuming, the
+                total of the run, as in the fit that wrote the checkpoint.
             lr: if given, sets the learning rate of the optimizer (kept across fits).
             cbs: callbacks for this call only; removed afterwards, whatever happens.
             train: run the training phases.
             valid: run the validation phases (skipped anyway when `dls.valid` is absent).
+            resume_from: a checkpoint (`learn.save`, `CheckpointCB`) whose run this fit
+                continues exactly where it stopped: see `learner.checkpoint.Resume`.
         """
         if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 0:
             raise ValueError(f"n_epochs must be an int >= 0, got {n_epochs!r}.")
@@ -257,6 +266,15 @@ class Learner(LearnerExtras):
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}.")
             check_events(cb, EVENTS)
+        if resume_from is not None:
+            if lr is not None:
+                raise ValueError(
+                    "fit(resume_from=...) continues the saved run, learning rates included: "
+                    "leave out lr=."
+                )
+            from learner.checkpoint import Resume
+
+            cbs.append(Resume(self, resume_from))  # reads and checks the file now
         if train and self.opt is None and not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(
                 "The model has no trainable parameters, so there is nothing for the "
@@ -273,6 +291,7 @@ class Learner(LearnerExtras):
                     for group in self.opt.param_groups:
                         group["lr"] = lr
             self.n_epochs, self.run_train, self.run_valid = n_epochs, train, valid
+            self.start_epoch = 0
             self._with("fit", self._do_epochs, CancelFitException)
         finally:
             for cb, old in reversed(replaced):
@@ -296,7 +315,7 @@ class Learner(LearnerExtras):
             self.callback(f"cleanup_{level}")
 
     def _do_epochs(self) -> None:
-        for epoch in range(self.n_epochs):
+        for epoch in range(self.start_epoch, self.n_epochs):
             self.epoch = epoch
             self._with("epoch", self._do_epoch, CancelEpochException)
 
@@ -315,8 +334,10 @@ class Learner(LearnerExtras):
             self._with(level, self._do_batches, cancel)
 
     def _do_batches(self) -> None:
-        self.iter = -1
-        for i, batch in enumerate(self.dl):
+        # A resumed fit's first training loader starts mid-epoch (learner/checkpoint.py).
+        start = getattr(self.dl, "start_iter", 0)
+        self.iter = start - 1
+        for i, batch in enumerate(self.dl, start):
             self.iter, self.batch = i, batch
             self._with("batch", self._do_batch, CancelBatchException)
         if self.training and self.iter < 0:
@@ -363,9 +384,18 @@ class Learner(LearnerExtras):
 
     # -- training steps: override in a subclass to change how a batch is processed --------------
 
-    def predict(self) -> None:
-        """Forward pass: `self.preds = self.model(self.batch[0])`."""
+    def predict(self, x: Any = _STEP) -> Any:
+        """Forward pass: `self.preds = self.model(self.batch[0])`.
+
+        With `x`, inference instead: the predictions for one batch or one item, in eval mode
+        under `torch.inference_mode()`, on the learner's device (see `learner.inference`).
+        """
+        if x is not _STEP:
+            from learner.inference import predict
+
+            return predict(self, x)
         self.preds = self.model(self.batch[0])
+        return None
 
     def get_loss(self) -> None:
         """`self.loss = self.loss_func(self.preds, self.batch[1])`."""

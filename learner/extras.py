@@ -6,8 +6,10 @@ modules import `learner.core`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, cast
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from learner.callbacks.lr_finder import LRFindResult, Suggest
@@ -21,7 +23,33 @@ def _learner(obj: LearnerExtras) -> Learner:
 
 
 class LearnerExtras:
-    """Mixed into `Learner`: `show_training_loop`, `summary`, `lr_find`, `fit_one_cycle`."""
+    """Mixed into `Learner`: `show_training_loop`, `summary`, `lr_find`, `fit_one_cycle`,
+    `save`, `load`, `get_preds`."""
+
+    # -- checkpoints: learner/checkpoint.py --
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write a checkpoint of everything the run needs to go on (weights, optimizer, callback
+        and random states, position), atomically; see `learner.checkpoint`."""
+        from learner.checkpoint import save
+
+        return save(_learner(self), path)
+
+    def load(self, path: str | os.PathLike[str], with_opt: bool = True) -> None:
+        """Load a checkpoint's weights, and with `with_opt` its optimizer state; checked first, so
+        a bad file changes nothing. To continue the run itself: `fit(n, resume_from=path)`."""
+        from learner.checkpoint import load
+
+        load(_learner(self), path, with_opt)
+
+    # -- predictions: learner/inference.py --
+
+    def get_preds(self, dl: Any = None, with_targets: bool = True, with_loss: bool = False) -> Any:
+        """Predictions (and targets, per-item losses) over `dl` (default `dls.valid`), on the
+        CPU, in eval and inference mode, with no events; see `learner.inference.get_preds`."""
+        from learner.inference import get_preds
+
+        return get_preds(_learner(self), dl, with_targets, with_loss)
 
     # -- looking inside: learner/inspect.py --
 

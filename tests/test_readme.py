@@ -78,3 +78,23 @@ def test_feature_examples_run(
     assert (tmp_path / "models" / "best.pt").exists()
     # 3 one-cycle + 3 scheduled + 3 + 3 torch-scheduled epochs, then at least 3 more
     assert len(learn.recorder.history) >= 12 + 3
+
+
+def test_checkpoint_and_predictions_examples_run(
+    tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from learner import Learner
+
+    monkeypatch.chdir(tmp_path)
+    learn = Learner(**tiny)
+    exec(next(b for b in BLOCKS if "resume_from=" in b), {"learn": learn})
+    assert len(learn.recorder.losses) == 6  # 3 epochs of 2 batches, resumed: none added
+    assert (tmp_path / "models" / "ckpt.pt").exists() and (
+        tmp_path / "models" / "ckpt.1.pt"
+    ).exists()
+    x_valid = torch.cat([x for x, _ in tiny["dls"].valid])
+    scope: dict[str, Any] = {"learn": learn, "x_valid": x_valid}
+    exec(next(b for b in BLOCKS if "get_preds" in b), scope)
+    assert scope["losses"].shape == (8,)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from learner.callbacks.activation_stats import ActivationStatsCB
+from learner.callbacks.checkpoint import CheckpointCB
 from learner.callbacks.csv_logger import CSVLoggerCB
 from learner.callbacks.device import DeviceCB, default_device, to_device
 from learner.callbacks.distributed import DistributedCB, TensorLoaderShard, shard_loader
@@ -37,6 +38,7 @@ from learner.distributed import torchrun_env
 __all__ = [
     "ActivationStatsCB",
     "CSVLoggerCB",
+    "CheckpointCB",
     "DeviceCB",
     "DistributedCB",
     "EarlyStoppingCB",

@@ -33,6 +33,9 @@ class GradAccumCB(Callback):
     `learn.loss`, and so the recorded loss, stays each batch's own loss. `after_step` (where a
     scheduler advances) fires once per group.
 
+    `state_dict()` holds the open group; loaded before a fit, it is continued by that fit's first
+    training phase (a checkpoint written mid-group also holds the accumulated gradients).
+
     Events: `before_fit`, `before_train`, `before_backward`, `before_step`, `after_train`,
     `cleanup_train`. Order: 5 (before MixedPrecisionCB, 10, so that batches that do not step are
     not unscaled, and before GradClipCB, 15, so that only the summed gradients are clipped).
@@ -54,6 +57,7 @@ class GradAccumCB(Callback):
         self.n_batches = n_batches
         self.n_iters = 0  # batches in this epoch's training loader
         self._reset()
+        self._loaded: dict[str, int] | None = None
 
     def _reset(self) -> None:
         self.count = 0  # batches accumulated in the open group
@@ -75,6 +79,9 @@ class GradAccumCB(Callback):
     def before_train(self, learn: Learner) -> None:
         self.n_iters = len(learn.dl)
         self._reset()
+        if self._loaded is not None:  # resuming mid-epoch: go on with the saved group
+            self.count, self.samples, self.full = (self._loaded[k] for k in _GROUP)
+            self._loaded = None
 
     def before_backward(self, learn: Learner) -> None:
         bs = _batch_size(learn.batch)
@@ -113,3 +120,14 @@ class GradAccumCB(Callback):
     def _drop(self, learn: Learner) -> None:
         learn.zero_grad()
         self._reset()
+
+    def state_dict(self) -> dict[str, int]:
+        """The open group: `count` batches and `samples` samples of a `full` group."""
+        return {"count": self.count, "samples": self.samples, "full": self.full}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue the group of `state_dict()` in the next fit's first training phase."""
+        self._loaded = {k: int(state[k]) for k in _GROUP}
+
+
+_GROUP = ("count", "samples", "full")

@@ -79,8 +79,12 @@ class MetricsCB(Callback):
     After each phase, `values["train"]` or `values["valid"]` holds plain Python numbers, and
     `epoch_summary()` the epoch's row: `train_loss`, `valid_loss` and each metric.
 
+    `state_dict()` holds `values` and, during a training phase, its accumulators (per-batch
+    sizes and values, and the state of stateful metrics that have a `state_dict`); loaded before
+    a fit, the accumulators are continued by that fit's first training phase (a resumed epoch).
+
     Events: `before_fit`, `before_epoch`, `before_train`, `before_validate`, `after_batch`,
-    `after_train`, `after_validate`. Order: -10.
+    `after_train`, `after_validate`, `cleanup_train`, `cleanup_validate`. Order: -10.
 
     Example:
         >>> from torcheval.metrics import MulticlassAccuracy
@@ -106,6 +110,9 @@ class MetricsCB(Callback):
                 )
             self.metrics[name] = metric
         self.values: dict[str, dict[str, Any]] = {}
+        self.phase: str | None = None  # "train" or "valid" while one runs
+        self._reset(with_metrics=False)
+        self._loaded: dict[str, Any] | None = None
 
     def before_fit(self, learn: Learner) -> None:
         valid = getattr(learn.dls, "valid", None)
@@ -121,9 +128,20 @@ class MetricsCB(Callback):
 
     def before_train(self, learn: Learner) -> None:
         self._reset(with_metrics=self.metrics_on_train)
+        self.phase = "train"
+        if self._loaded is not None:  # resuming mid-epoch: go on accumulating the saved phase
+            self._load_phase(self._loaded)
+            self._loaded = None
 
     def before_validate(self, learn: Learner) -> None:
         self._reset(with_metrics=True)
+        self.phase = "valid"
+
+    def cleanup_train(self, learn: Learner) -> None:
+        self.phase = None
+
+    def cleanup_validate(self, learn: Learner) -> None:
+        self.phase = None
 
     def _reset(self, with_metrics: bool) -> None:
         self.with_metrics = with_metrics
@@ -194,6 +212,38 @@ class MetricsCB(Callback):
 
     def after_validate(self, learn: Learner) -> None:
         self.values["valid"] = self._compute()
+
+    def state_dict(self) -> dict[str, Any]:
+        """`values`, and mid-training-phase its accumulators, as tensors and plain values."""
+        state: dict[str, Any] = {"values": {k: dict(v) for k, v in self.values.items()}}
+        if self.phase == "train":
+            state["train"] = {
+                "counts": list(self.counts),
+                "batch_values": {
+                    name: torch.stack(vals).cpu() if vals else torch.empty(0)
+                    for name, vals in self.batch_values.items()
+                },
+                "metrics": {
+                    name: m.state_dict()
+                    for name, m in self.metrics.items()
+                    if _is_stateful(m) and callable(getattr(m, "state_dict", None))
+                },
+            }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take `values`; saved accumulators are continued by the next training phase."""
+        self.values = {k: dict(v) for k, v in state["values"].items()}
+        self._loaded = state.get("train")
+
+    def _load_phase(self, phase: dict[str, Any]) -> None:
+        self.counts = list(phase["counts"])
+        device = getattr(self, "device", torch.device("cpu"))
+        for name in self.batch_values:
+            self.batch_values[name] = list(phase["batch_values"][name].to(device).unbind())
+        for name, m in self.metrics.items():
+            if name in phase["metrics"]:
+                m.load_state_dict(phase["metrics"][name])
 
     def epoch_summary(self) -> dict[str, Any]:
         """The epoch so far as one row: `train_loss`, `valid_loss` (None if not run), metrics."""

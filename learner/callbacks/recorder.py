@@ -53,7 +53,8 @@ class RecorderCB(Callback):
       `MetricsCB`; `None` for a phase that did not run).
 
     Records accumulate across `fit` calls (a second fit continues the curves); `reset()` clears
-    them. Plots return a matplotlib Figure: save it in a script, or let a notebook show it.
+    them; `state_dict()` / `load_state_dict()` hold them all, for checkpoints. Plots return a
+    matplotlib Figure: save it in a script, or let a notebook show it.
 
     Events: `after_batch`, `after_train`, `after_epoch`. Order: -5 (after MetricsCB, before
     callbacks that read the history).
@@ -104,6 +105,23 @@ class RecorderCB(Callback):
         summary = epoch_summary(learn)
         self.history.append({"epoch": len(self.history), **summary})
         self.epoch_iters.append(len(self._losses))
+
+    def state_dict(self) -> dict[str, Any]:
+        """`losses`, `lrs`, `history` and `epoch_iters`, as plain lists."""
+        return {
+            "losses": list(self.losses),
+            "lrs": list(self.lrs),
+            "history": [dict(row) for row in self.history],
+            "epoch_iters": list(self.epoch_iters),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace the records with those of `state_dict()`."""
+        self.reset()
+        self._losses = list(state["losses"])
+        self.lrs = list(state["lrs"])
+        self.history = [dict(row) for row in state["history"]]
+        self.epoch_iters = list(state["epoch_iters"])
 
     # -- plots ----------------------------------------------------------------------------------
 

@@ -228,8 +228,8 @@ class ParamSchedulerCB(Callback):
         _check_hypers(learn.opt, self.scheds, type(self).__name__)
         total = learn.n_epochs * _n_train_batches(learn, type(self).__name__)
         if not self._resume:
-            self.pos, self.total = 0, total
-        self.since_step, self._resume = 0, False
+            self.pos, self.total, self.since_step = 0, total, 0
+        self._resume = False
 
     def before_batch(self, learn: Learner) -> None:
         if not learn.training:
@@ -247,12 +247,14 @@ class ParamSchedulerCB(Callback):
         self.since_step = 0
 
     def state_dict(self) -> dict[str, int]:
-        """The schedule's position: `{"pos": batches done, "total": batches in the run}`."""
-        return {"pos": self.pos, "total": self.total}
+        """The schedule's position: `{"pos": batches done at the last step, "total": batches in
+        the run, "since_step": batches since that step (accumulating gradients)}`."""
+        return {"pos": self.pos, "total": self.total, "since_step": self.since_step}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Continue from `state` (from `state_dict()`) at the next `fit`."""
-        self.pos, self.total, self._resume = int(state["pos"]), int(state["total"]), True
+        self.pos, self.total = int(state["pos"]), int(state["total"])
+        self.since_step, self._resume = int(state.get("since_step", 0)), True
 
 
 class LRSchedulerCB(Callback):

@@ -109,7 +109,8 @@ class EarlyStoppingCB(Callback):
     it reaches `patience` the fit ends with `CancelFitException` (the epoch's row is complete
     and shown, and every `cleanup_*` runs). The reason is printed and kept in `reason`, the
     epoch in `stopped_epoch` (None if training ran to the end). The best value so far is `best`,
-    from epoch `best_epoch`. Each `fit` starts afresh.
+    from epoch `best_epoch`. Each `fit` starts afresh, unless a state was loaded before it
+    (`load_state_dict`, as `fit(resume_from=...)` does): then it goes on counting.
 
     Events: `before_fit`, `after_epoch`. Order: 60 (after the recorder and the progress table
     have the epoch, and after `SaveBestCB` has saved it).
@@ -141,11 +142,22 @@ class EarlyStoppingCB(Callback):
         self.best, self.best_epoch, self.wait = self.monitor.worst, -1, 0
         self.stopped_epoch: int | None = None
         self.reason: str | None = None
+        self._resume = False
 
     def before_fit(self, learn: Learner) -> None:
         self.monitor.check(learn, type(self).__name__)
-        self.best, self.best_epoch, self.wait = self.monitor.worst, -1, 0
-        self.stopped_epoch, self.reason = None, None
+        if not self._resume:
+            self.best, self.best_epoch, self.wait = self.monitor.worst, -1, 0
+        self.stopped_epoch, self.reason, self._resume = None, None, False
+
+    def state_dict(self) -> dict[str, Any]:
+        """`best`, `best_epoch` and `wait` (epochs without improvement)."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go on from `state` (from `state_dict()`) in the next fit."""
+        self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
+        self.wait, self._resume = int(state["wait"]), True
 
     def after_epoch(self, learn: Learner) -> None:
         value = self.monitor.value(learn)
@@ -181,7 +193,8 @@ class SaveBestCB(Callback):
     leaves the previous best intact. With `load_best=True`, the best weights are loaded into the
     model when the fit ends: normally, stopped early (`EarlyStoppingCB`, `TerminateOnNaNCB`), or
     interrupted; not when no epoch was saved in this fit. `best` and `best_epoch` say what was
-    kept. Each `fit` starts afresh, overwriting `path`.
+    kept. Each `fit` starts afresh, overwriting `path`, unless a state was loaded before it
+    (`load_state_dict`, as `fit(resume_from=...)` does): then it goes on from the saved best.
 
     The file holds only tensors: load it elsewhere with
     `model.load_state_dict(torch.load(path, weights_only=True))`.
@@ -216,10 +229,25 @@ class SaveBestCB(Callback):
         self.monitor = Monitor(monitor, mode, min_delta)
         self.load_best = load_best
         self.best, self.best_epoch = self.monitor.worst, -1
+        self._resume = False
 
     def before_fit(self, learn: Learner) -> None:
         self.monitor.check(learn, type(self).__name__)
-        self.best, self.best_epoch = self.monitor.worst, -1
+        if not self._resume:
+            self.best, self.best_epoch = self.monitor.worst, -1
+        self._resume = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """`best` and `best_epoch`."""
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go on from `state` (from `state_dict()`) in the next fit."""
+        self.best, self.best_epoch, self._resume = (
+            float(state["best"]),
+            int(state["best_epoch"]),
+            True,
+        )
 
     def after_epoch(self, learn: Learner) -> None:
         value = self.monitor.value(learn)

@@ -231,7 +231,7 @@ def test_state_dict_resumes_the_schedule() -> None:
     first = ParamSchedulerCB(scheds)
     learn.fit(4, cbs=[first, StopAfterEpochCB(1)])  # interrupted after 2 of 4 epochs
     state = first.state_dict()
-    assert state == {"pos": 4, "total": 8}
+    assert state == {"pos": 4, "total": 8, "since_step": 0}
     second = ParamSchedulerCB(scheds)
     second.load_state_dict(state)
     learn.fit(2, cbs=[second])

@@ -1,0 +1,166 @@
+"""Periodic checkpoints that a run resumes from exactly, and a clean stop on Ctrl-C."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from learner.checkpoint import rng_state, save
+from learner.core import Callback, Learner
+from learner.distributed import is_main_process
+
+__all__ = ["CheckpointCB"]
+
+
+class CheckpointCB(Callback):
+    """Writes a checkpoint (`learn.save`) every `every_n_epochs` epochs and/or every
+    `every_n_batches` training batches; `fit(n, resume_from=path)` continues from it exactly.
+
+    Each checkpoint is written atomically to `path`, which always holds the newest complete one.
+    With `keep_last=k`, the `k - 1` before it are kept beside it as `name.1.ext` (the previous
+    one), `name.2.ext`, ... A checkpoint is written only between two training batches or at the
+    end of an epoch, when every callback is done with them, so it is never half-updated: after
+    batch `i` (at `cleanup_batch`, once the schedulers have stepped) or after the epoch's row is
+    recorded (at `after_epoch`). At the start of each training phase it keeps the random states
+    the epoch's shuffle is drawn from, so that a resumed epoch sees the same batches.
+
+    Ctrl-C during a fit (in the main thread) does not stop it at once: the current training
+    batch, or the epoch during validation, is finished, a checkpoint of that point is written,
+    and then `KeyboardInterrupt` is raised, as usual. A second Ctrl-C stops at once.
+
+    A fit stopped by `EarlyStoppingCB` is not checkpointed at the epoch that stopped it (that
+    callback, order 60, ends the fit before this one's `after_epoch`): resuming from the previous
+    checkpoint reproduces the stop. A callback drawing random numbers at `before_train` with an
+    order above 65 would draw them after the states this one keeps.
+
+    Events: `before_fit`, `before_train`, `after_batch`, `cleanup_batch`, `after_epoch`,
+    `cleanup_fit`. Order: 65 (after the recorder, the schedulers and `EarlyStoppingCB`).
+
+    Args:
+        path: the file to write. Default "checkpoint.pt".
+        every_n_epochs: write at the end of every n-th epoch; None: never. Default 1.
+        every_n_batches: write after every n-th training batch of the fit; None: never.
+        keep_last: how many checkpoints to keep, >= 1. Default 1.
+
+    Example:
+        >>> learn.fit(10, cbs=[CheckpointCB("run/ckpt.pt", every_n_batches=500)])
+        >>> # the process dies; later, in a new one, with the same setup:
+        >>> learn.fit(10, cbs=[CheckpointCB("run/ckpt.pt", every_n_batches=500)],
+        ...           resume_from="run/ckpt.pt")
+    """
+
+    order = 65
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = "checkpoint.pt",
+        every_n_epochs: int | None = 1,
+        every_n_batches: int | None = None,
+        keep_last: int = 1,
+    ) -> None:
+        for name, n in (("every_n_epochs", every_n_epochs), ("every_n_batches", every_n_batches)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {n!r}.")
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+            raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}.")
+        self.path = Path(path)
+        self.every_n_epochs, self.every_n_batches = every_n_epochs, every_n_batches
+        self.keep_last = keep_last
+        self.epoch_rng: dict[str, Any] | None = None
+        self.n_batches = 0  # training batches completed in this fit
+        self.batch_done = False
+        self.interrupted = False
+        self._old_handler: Any = None
+        self.written: list[tuple[int, int]] = []  # (epoch, batches done) of each write
+
+    # -- Ctrl-C: finish the step, write, then stop --
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        self.interrupted = True
+        signal.signal(signal.SIGINT, self._old_handler)  # a second Ctrl-C stops at once
+        print(
+            "CheckpointCB: interrupted; finishing the current step to write a checkpoint "
+            "(Ctrl-C again to stop now).",
+            flush=True,
+        )
+
+    def before_fit(self, learn: Learner) -> None:
+        self.n_batches, self.batch_done, self.interrupted = 0, False, False
+        if threading.current_thread() is threading.main_thread():
+            old = signal.signal(signal.SIGINT, self._on_sigint)
+            # None: a handler not set from Python; the default one raises KeyboardInterrupt.
+            self._old_handler = signal.default_int_handler if old is None else old
+
+    def cleanup_fit(self, learn: Learner) -> None:
+        if self._old_handler is not None:
+            if signal.getsignal(signal.SIGINT) == self._on_sigint:
+                signal.signal(signal.SIGINT, self._old_handler)
+            self._old_handler = None
+        if self.interrupted:  # interrupted before a point where it could stop: stop now
+            self.interrupted = False
+            raise KeyboardInterrupt
+
+    # -- when to write --
+
+    def before_train(self, learn: Learner) -> None:
+        # The loop iterates the loader right after before_train: its shuffle draws from these.
+        self.epoch_rng = rng_state(learn.dls)
+
+    def after_batch(self, learn: Learner) -> None:
+        self.batch_done = learn.training
+
+    def cleanup_batch(self, learn: Learner) -> None:
+        if not self.batch_done:
+            return
+        self.batch_done = False
+        self.n_batches += 1
+        due = self.every_n_batches is not None and self.n_batches % self.every_n_batches == 0
+        if due or self.interrupted:
+            self._write(learn, learn.epoch, learn.iter + 1)
+        self._stop_if_interrupted()
+
+    def after_epoch(self, learn: Learner) -> None:
+        n = self.every_n_epochs
+        if learn.run_train and ((n is not None and (learn.epoch + 1) % n == 0) or self.interrupted):
+            self._write(learn, learn.epoch + 1, 0)
+        self._stop_if_interrupted()
+
+    def _stop_if_interrupted(self) -> None:
+        if self.interrupted:
+            self.interrupted = False
+            raise KeyboardInterrupt
+
+    # -- writing --
+
+    def _write(self, learn: Learner, epoch: int, batches: int) -> None:
+        if not is_main_process():  # under DDP every rank holds the same weights: one writer
+            return
+        if self.keep_last > 1 and self.path.exists():
+            self._rotate()
+        progress = {"epoch": epoch, "iter": batches}
+        save(learn, self.path, progress=progress, epoch_rng=self.epoch_rng if batches else None)
+        self.written.append((epoch, batches))
+
+    def _kept(self, i: int) -> Path:
+        return self.path.with_name(f"{self.path.stem}.{i}{self.path.suffix}")
+
+    def _rotate(self) -> None:
+        # Shift name.1 -> name.2 ..., then keep the newest as name.1 by a hard link (or a copy),
+        # so `path` itself holds a complete checkpoint until the new one replaces it.
+        for i in range(self.keep_last - 1, 1, -1):
+            if self._kept(i - 1).exists():
+                os.replace(self._kept(i - 1), self._kept(i))
+        tmp = self._kept(1).with_name(f".{self._kept(1).name}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        try:
+            os.link(self.path, tmp)
+        except OSError:  # no hard links on this file system
+            shutil.copy2(self.path, tmp)
+        os.replace(tmp, self._kept(1))

@@ -1,0 +1,171 @@
+"""Predictions outside training: `learn.get_preds()` over a loader, `learn.predict(x)` for one
+batch or one item. Neither fires events, so no callback runs and nothing is recorded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from learner.callbacks.device import to_device
+from learner.core import Learner
+
+__all__ = ["get_preds", "predict"]
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@contextmanager
+def _inference(learn: Learner) -> Iterator[None]:
+    """Eval mode and inference mode; afterwards every submodule's training flag and the
+    learner's batch, predictions and loss are as before."""
+    flags = [(m, m.training) for m in learn.model.modules()]
+    saved = learn.batch, learn.preds, learn.loss
+    try:
+        learn.model.eval()
+        with torch.inference_mode():
+            yield
+    finally:
+        learn.batch, learn.preds, learn.loss = saved
+        for m, training in flags:
+            m.training = training
+
+
+def _cat(parts: list[Any]) -> Any:
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, (list, tuple)):
+        return type(first)(_cat(list(p)) for p in zip(*parts))
+    if isinstance(first, dict):
+        return {k: _cat([p[k] for p in parts]) for k in first}
+    raise TypeError(f"get_preds concatenates tensors, got predictions of type {type(first)}.")
+
+
+def _per_item_loss(loss_func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    if isinstance(getattr(loss_func, "reduction", None), str):  # an nn loss module
+
+        def module_loss(preds: Any, targets: Any) -> torch.Tensor:
+            old = loss_func.reduction  # type: ignore[attr-defined]
+            loss_func.reduction = "none"  # type: ignore[attr-defined]
+            try:
+                return loss_func(preds, targets)
+            finally:
+                loss_func.reduction = old  # type: ignore[attr-defined]
+
+        return module_loss
+    return lambda preds, targets: loss_func(preds, targets, reduction="none")
+
+
+def get_preds(
+    learn: Learner, dl: Any = None, with_targets: bool = True, with_loss: bool = False
+) -> Any:
+    """Predictions of the model over a loader, as one tensor on the CPU.
+
+    The model runs in eval mode under `torch.inference_mode()`, batch by batch through the
+    learner's `predict` step (so a subclass's forward pass is used), each batch moved to the
+    model's device. No event fires, so no callback runs and the recorder is untouched;
+    afterwards every submodule's training flag, and `learn.batch`, `preds` and `loss`, are as
+    before.
+
+    Args:
+        learn: the Learner.
+        dl: an iterable of `(x, y)` batches. Default None: `learn.dls.valid`.
+        with_targets: also return the targets (`batch[1]`), concatenated.
+        with_loss: also return the loss of each item, from `loss_func` with
+            `reduction="none"` (torch's functional losses and loss modules support it).
+
+    Returns:
+        `preds`, or a tuple `(preds, targets)`, `(preds, losses)` or `(preds, targets, losses)`.
+
+    Example:
+        >>> preds, targets = learn.get_preds()
+        >>> (preds.argmax(1) == targets).float().mean()
+    """
+    if dl is None:
+        dl = getattr(learn.dls, "valid", None)
+        if dl is None:
+            raise ValueError("get_preds: dls has no validation loader; pass one: get_preds(dl).")
+    device = _device(learn.model)
+    loss_func = _per_item_loss(learn.loss_func) if with_loss else None
+    preds, targets, losses = [], [], []
+    with _inference(learn):
+        for batch in dl:
+            learn.batch = to_device(batch, device)
+            learn.predict()
+            preds.append(to_device(learn.preds, "cpu"))
+            if with_targets or with_loss:
+                if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+                    raise ValueError(
+                        "get_preds: the batches have no targets (batch[1]); pass "
+                        "with_targets=False, with_loss=False."
+                    )
+                targets.append(to_device(learn.batch[1], "cpu"))
+            if loss_func is not None:
+                try:
+                    loss = loss_func(learn.preds, learn.batch[1])
+                except TypeError as e:
+                    raise TypeError(
+                        "get_preds(with_loss=True) needs the loss of each item: loss_func must "
+                        "accept reduction='none' (as torch's functional losses do) or be a loss "
+                        f"module with a .reduction attribute. ({e})"
+                    ) from e
+                losses.append(loss.cpu())
+    if not preds:
+        raise ValueError("get_preds: the loader yielded no batches.")
+    out = [_cat(preds)]
+    if with_targets:
+        out.append(_cat(targets))
+    if with_loss:
+        out.append(torch.cat(losses))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def _input_ndim(learn: Learner) -> int:
+    """The number of dimensions of a batch's input: from the last batch seen, or one drawn
+    from the training loader with every random state put back."""
+    if learn.batch is not None:
+        return int(learn.batch[0].ndim)
+    from learner.checkpoint import rng_state, set_rng_state
+
+    rng = rng_state(learn.dls)
+    try:
+        return int(next(iter(learn.dls.train))[0].ndim)
+    finally:
+        set_rng_state(learn.dls, rng)
+
+
+def predict(learn: Learner, x: torch.Tensor) -> Any:
+    """The model's predictions for one batch `x`, or for one item (returned without a batch
+    dimension), in eval mode under `torch.inference_mode()`, on the learner's device.
+
+    `x` is one item when it has one dimension fewer than a training batch's input (the last
+    batch the learner saw, or else one drawn from `dls.train` without changing any random
+    state). Every submodule's training flag, and `learn.batch`, `preds` and `loss`, are
+    restored; no event fires. The predictions stay on the model's device: `.cpu()` them if
+    needed. Call it as `learn.predict(x)`.
+
+    Example:
+        >>> learn.predict(x_valid[0]).argmax()  # one item
+        >>> learn.predict(x_valid[:8]).shape    # one batch
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"predict(x) takes a tensor, got {type(x).__name__}.")
+    ndim = _input_ndim(learn)
+    if x.ndim not in (ndim, ndim - 1):
+        raise ValueError(
+            f"predict(x): x has shape {tuple(x.shape)}, but a training batch's input has "
+            f"{ndim} dimensions: pass one item ({ndim - 1} dims) or a batch ({ndim} dims)."
+        )
+    single = x.ndim == ndim - 1
+    with _inference(learn):
+        learn.batch = (to_device(x.unsqueeze(0) if single else x, _device(learn.model)),)
+        learn.predict()
+        preds = learn.preds
+    return preds[0] if single else preds
