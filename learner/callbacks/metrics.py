@@ -174,7 +174,9 @@ class MetricsCB(Callback):
             else:
                 value = m(preds, targets)
                 self.batch_values[name].append(
-                    value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value)
+                    value.detach()
+                    if isinstance(value, torch.Tensor)
+                    else torch.tensor(value, device=learn.loss.device)
                 )
 
     def _compute(self) -> dict[str, Any]:
@@ -186,7 +188,7 @@ class MetricsCB(Callback):
         if self.counts:
             per_batch = torch.stack(
                 [
-                    torch.stack([v.to(device) for v in vals]).to(dtype)
+                    torch.stack(vals).to(device=device, dtype=dtype)
                     for vals in self.batch_values.values()
                 ]
             )
