@@ -132,7 +132,7 @@ def _input_ndim(learn: Learner) -> int:
     from the training loader with every random state put back."""
     if learn.batch is not None:
         return int(learn.batch[0].ndim)
-    from learner.checkpoint import rng_state, set_rng_state
+    from learner.rng import rng_state, set_rng_state
 
     rng = rng_state(learn.dls)
     try:

@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import itertools
-import random
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +15,7 @@ from torch import nn
 from learner.callbacks.device import to_device
 from learner.core import Learner
 from learner.hooks import Hook, Hooks
+from learner.rng import rng_state, set_rng_state
 
 __all__ = ["show_training_loop", "summary"]
 
@@ -63,7 +62,8 @@ def summary(learn: Learner) -> Report:
     """
     model = learn.model
     layers = list(model.named_children()) or [("<model>", model)]
-    rng = _save_rng(learn.dls.train)
+    # Drawing a batch from a shuffled loader consumes random numbers: put them back after.
+    rng = rng_state(learn.dls)
     flags = [(m, m.training) for m in model.modules()]
     saved = learn.batch, learn.preds
     try:
@@ -77,7 +77,7 @@ def summary(learn: Learner) -> Report:
         learn.batch, learn.preds = saved
         for m, training in flags:
             m.training = training
-        _restore_rng(rng)
+        set_rng_state(learn.dls, rng)
 
     table = [("Layer", "Type", "Output shape", "Params", "Trainable")]
     for (name, m), shape in zip(layers, shapes):
@@ -151,41 +151,3 @@ def _trainable(params: Sequence[torch.Tensor]) -> str:
         return "-"
     n = sum(p.requires_grad for p in params)
     return "yes" if n == len(params) else "no" if n == 0 else "partly"
-
-
-def _generators(dl: Any) -> list[torch.Generator]:
-    # Where DataLoader and its samplers keep theirs; TensorLoader keeps one as `generator`.
-    owners = [dl, getattr(dl, "sampler", None)]
-    owners.append(getattr(getattr(dl, "batch_sampler", None), "sampler", None))
-    found: list[torch.Generator] = []
-    for owner in owners:
-        g = getattr(owner, "generator", None)
-        if isinstance(g, torch.Generator) and not any(g is f for f in found):
-            found.append(g)
-    return found
-
-
-def _save_rng(dl: Any) -> dict[str, Any]:
-    # Drawing a batch from a shuffled loader consumes random numbers; restoring them keeps a
-    # seeded run the same whether or not you looked at its summary first.
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "generators": [(g, g.get_state()) for g in _generators(dl)],
-    }
-    if torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if "numpy" in sys.modules:  # not imported: nothing can have used its generator
-        state["numpy"] = sys.modules["numpy"].random.get_state()
-    return state
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    for g, g_state in state["generators"]:
-        g.set_state(g_state)
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        sys.modules["numpy"].random.set_state(state["numpy"])

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from matplotlib.figure import Figure
 
@@ -19,6 +17,7 @@ from learner.callbacks.schedule import sched_exp, set_hyper
 from learner.core import Callback, CancelFitException, Learner
 from learner.data import DataLoaders
 from learner.distributed import is_distributed, ranks_where
+from learner.rng import rng_state, set_rng_state
 
 __all__ = ["MIN_POINTS", "LRFindResult", "LRFinderCB", "lr_find", "steep", "valley"]
 
@@ -329,7 +328,7 @@ def _preserve(learn: Learner) -> Callable[[], None]:
     shared: list[Any] = [learn, learn.dls, opt, *model.modules(), *(t[2] for t in tensors), *cbs]
     memo = {id(o): o for o in shared}
     cb_states = [(cb, _copy_attrs(cb, memo)) for cb in cbs if hasattr(cb, "__dict__")]
-    rng = _rng_state(learn.dls)
+    rng = rng_state(learn.dls)
 
     def restore() -> None:
         with torch.no_grad():
@@ -352,7 +351,7 @@ def _preserve(learn: Learner) -> Callable[[], None]:
         vars(learn).clear()
         vars(learn).update(attrs)
         learn.cbs[:] = cbs
-        _set_rng_state(rng)
+        set_rng_state(learn.dls, rng)  # learn.dls is the original again
 
     return restore
 
@@ -365,41 +364,3 @@ def _copy_attrs(obj: Any, memo: dict[int, Any]) -> dict[str, Any]:
         except Exception:  # not copyable (an open file, a lock): put back as the same object
             state[name] = value
     return state
-
-
-def _generators(dls: Any) -> list[torch.Generator]:
-    # TensorLoader and DataLoader have .generator; a DataLoader's sampler may have its own.
-    found: dict[int, torch.Generator] = {}
-    for dl in (getattr(dls, "train", None), getattr(dls, "valid", None)):
-        batch_sampler = getattr(dl, "batch_sampler", None)
-        for obj in (dl, getattr(dl, "sampler", None), getattr(batch_sampler, "sampler", None)):
-            g = getattr(obj, "generator", None)
-            if isinstance(g, torch.Generator):
-                found[id(g)] = g
-    return list(found.values())
-
-
-def _rng_state(dls: Any) -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "generators": [(g, g.get_state()) for g in _generators(dls)],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if torch.backends.mps.is_available():
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    for g, s in state["generators"]:
-        g.set_state(s)
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "mps" in state:
-        torch.mps.set_rng_state(state["mps"])
