@@ -133,7 +133,8 @@ class TensorLoader:
             generator = torch.Generator().manual_seed(seed)
         perm = torch.randperm(n, generator=generator).to(self.device)
         # index_select is about twice as fast as t[idx] on the CPU, for the same result.
-        for idx in perm[:stop].split(bs):
+        # split() of an empty tensor yields one empty chunk: drop_last with n < bs has no batch.
+        for idx in perm[:stop].split(bs) if stop else ():
             yield tuple([t.index_select(0, idx) for t in ts])
         if self.generator is not None:
             # RandomSampler draws one more, unused permutation when its epoch runs out. Drawing it

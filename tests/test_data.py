@@ -412,3 +412,10 @@ def test_digits_options_and_seeded_split(digits_data):
     assert not torch.equal(digits(seed=0).y_valid, digits_data.y_valid)
     with pytest.raises(ValueError, match="valid_pct must be between 0 and 1"):
         digits(valid_pct=1.0)
+
+
+def test_drop_last_with_fewer_samples_than_a_batch_yields_nothing() -> None:
+    x, y = torch.arange(5.0).unsqueeze(1), torch.arange(5)
+    for shuffle in (False, True):
+        dl = TensorLoader(x, y, bs=8, shuffle=shuffle, drop_last=True, generator=torch.Generator())
+        assert len(dl) == 0 and list(dl) == []
