@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,15 +14,28 @@ import torch
 _EVENT_LIKE = re.compile(r"^(before|after|cleanup)_")
 
 
+# Callback classes whose method names passed `check_events`: a class is checked once, not on
+# every Learner it joins (the fuzzy match is slow enough to show in a short fit).
+_CHECKED: weakref.WeakSet[type] = weakref.WeakSet()
+
+
 def check_events(cb: Any, events: tuple[str, ...]) -> None:
-    for attr in dir(type(cb)):
+    cls = type(cb)
+    if cls in _CHECKED:
+        return
+    _check_names(cls, events)
+    _CHECKED.add(cls)
+
+
+def _check_names(cls: type, events: tuple[str, ...]) -> None:
+    for attr in dir(cls):
         if attr.startswith("_") or attr in events:
             continue
         close = difflib.get_close_matches(attr, events, n=1, cutoff=0.85)
         if _EVENT_LIKE.match(attr) or close:
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(
-                f"{type(cb).__name__}.{attr} looks like an event but is not one.{hint} "
+                f"{cls.__name__}.{attr} looks like an event but is not one.{hint} "
                 f"Events are: {', '.join(events)}."
             )
 

@@ -79,6 +79,13 @@ EVENTS = (
 )  # fmt: skip
 
 
+# The three events of each level, named once rather than formatted on every batch.
+_LEVELS = {
+    level: (f"before_{level}", f"after_{level}", f"cleanup_{level}")
+    for level in ("fit", "epoch", "train", "validate", "batch")
+}
+_CLEANUPS = frozenset(e for e in EVENTS if e.startswith("cleanup_"))
+
 _STEP: Any = object()  # `learn.predict()` without an input: the training step
 
 
@@ -217,15 +224,18 @@ class Learner(LearnerExtras):
 
     def callback(self, event: str) -> None:
         """Run every callback implementing `event`, in order."""
+        handlers = self._handlers[event]
+        if not handlers:  # most events of a batch have none: return before any other work
+            return
         errors: list[BaseException] = []
-        for cb, method in self._handlers[event]:
+        for cb, method in handlers:
             try:
                 method(self)
             except BaseException as e:
                 if not isinstance(e, _CANCELS):
                     add_note_once(e, f"Raised in {type(cb).__name__}.{event}.")
                 # Every cleanup must run (they restore state), so a failing one is raised after.
-                if not event.startswith("cleanup_"):
+                if event not in _CLEANUPS:
                     raise
                 errors.append(e)
         if errors:
@@ -305,14 +315,15 @@ class Learner(LearnerExtras):
     def _with(self, level: str, body: Callable[[], None], cancel: type[Exception]) -> None:
         # The one place that defines event semantics: before_, body, after_; a cancel of this
         # level skips after_ quietly; cleanup_ always runs, exactly once per before_.
+        before, after, cleanup = _LEVELS[level]
         try:
-            self.callback(f"before_{level}")
+            self.callback(before)
             body()
-            self.callback(f"after_{level}")
+            self.callback(after)
         except cancel:
             pass
         finally:
-            self.callback(f"cleanup_{level}")
+            self.callback(cleanup)
 
     def _do_epochs(self) -> None:
         for epoch in range(self.start_epoch, self.n_epochs):
@@ -381,6 +392,9 @@ class Learner(LearnerExtras):
         except CancelBatchException:
             self.zero_grad()
             raise
+        # Backward has run, so the graph is spent: from here on the loss is a plain value, which
+        # callbacks may keep (metrics, recorder) without holding the graph alive.
+        self.loss = self.loss.detach()
 
     # -- training steps: override in a subclass to change how a batch is processed --------------
 

@@ -369,6 +369,58 @@ def test_typoed_event_names_are_rejected(tiny: dict[str, Any], typo: str) -> Non
     assert learn.opt is None  # rejected before anything happened
 
 
+def test_callback_classes_are_checked_once(
+    tiny: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import learner._checks as checks
+
+    checked: list[type] = []
+    real = checks._check_names
+
+    def counting(cls: type, events: tuple[str, ...]) -> None:
+        checked.append(cls)
+        real(cls, events)
+
+    monkeypatch.setattr(checks, "_check_names", counting)
+
+    class GoodCB(Callback):
+        def after_batch(self, learn: Learner) -> None:
+            pass
+
+    class TypoCB(Callback):
+        def after_bacth(self, learn: Learner) -> None:
+            pass
+
+    for _ in range(3):
+        Learner(**tiny, cbs=[GoodCB()]).fit(1, cbs=[GoodCB()])
+        with pytest.raises(ValueError, match="after_bacth"):  # a failure is not remembered
+            Learner(**tiny, cbs=[TypoCB()])
+    assert checked.count(GoodCB) == 1 and checked.count(TypoCB) == 3
+
+
+def test_loss_is_detached_once_the_step_is_done(tiny: dict[str, Any]) -> None:
+    seen: list[tuple[str, bool, bool]] = []
+
+    class ProbeCB(Callback):
+        def after_loss(self, learn: Learner) -> None:
+            seen.append(("after_loss", learn.training, learn.loss.requires_grad))
+
+        def after_batch(self, learn: Learner) -> None:
+            seen.append(("after_batch", learn.training, learn.loss.grad_fn is not None))
+
+    learn = Learner(**tiny, cbs=[ProbeCB()])
+    learn.fit(1)
+    # Training losses carry the graph until backward, and none from after_batch on, so the
+    # losses callbacks keep (MetricsCB, RecorderCB) hold no graph alive.
+    assert seen == [
+        ("after_loss", True, True), ("after_batch", True, False),
+        ("after_loss", True, True), ("after_batch", True, False),
+        ("after_loss", False, False), ("after_batch", False, False),
+    ]  # fmt: skip
+    kept = learn.metrics.batch_values["loss"] + learn.recorder._pending
+    assert all(t.grad_fn is None and not t.requires_grad for t in kept)
+
+
 def test_default_callbacks_are_replaceable(tiny: dict[str, Any]) -> None:
     mine = ProgressCB(plot=True)
     learn = Learner(**tiny, cbs=[mine])

@@ -117,6 +117,7 @@ class MetricsCB(Callback):
     def before_fit(self, learn: Learner) -> None:
         valid = getattr(learn.dls, "valid", None)
         self.metrics_on_train = not (learn.run_valid and valid is not None)
+        self._kinds = [(name, m, _is_stateful(m)) for name, m in self.metrics.items()]
         param = next(learn.model.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
         for m in self.metrics.values():
@@ -164,17 +165,20 @@ class MetricsCB(Callback):
 
     def after_batch(self, learn: Learner) -> None:
         self.counts.append(_batch_size(learn.batch))
-        self.batch_values["loss"].append(learn.loss.detach())
+        loss = learn.loss  # a training loss is detached by the Learner once the step is done
+        self.batch_values["loss"].append(loss.detach() if loss.requires_grad else loss)
         if not self.with_metrics:
             return
-        preds, targets = learn.preds.detach(), learn.batch[1]
-        for name, m in self.metrics.items():
-            if _is_stateful(m):
+        preds, targets = learn.preds, learn.batch[1]
+        if preds.requires_grad:  # metrics on the training phase; validation needs no copy
+            preds = preds.detach()
+        for name, m, stateful in self._kinds:
+            if stateful:
                 m.update(preds, targets)
             else:
                 value = m(preds, targets)
                 self.batch_values[name].append(
-                    value.detach()
+                    (value.detach() if value.requires_grad else value)
                     if isinstance(value, torch.Tensor)
                     else torch.tensor(value, device=learn.loss.device)
                 )

@@ -94,7 +94,8 @@ class RecorderCB(Callback):
         if not learn.training:
             return
         assert learn.opt is not None  # training batches run only once fit made one
-        self._pending.append(learn.loss.detach())
+        loss = learn.loss  # detached by the Learner once the step is done
+        self._pending.append(loss.detach() if loss.requires_grad else loss)
         self.lrs.append(learn.opt.param_groups[0]["lr"])
 
     def after_train(self, learn: Learner) -> None:
