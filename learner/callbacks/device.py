@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from learner.core import Callback, Learner
+from learner.data import TensorLoader
 
 __all__ = ["DeviceCB", "default_device", "to_device"]
 
@@ -59,10 +60,22 @@ def _move(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def _resolve(device: torch.device) -> torch.device:
+    # Tensors report "cuda:0", never "cuda": with the index filled in, a batch already there
+    # compares equal and is not moved again.
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class DeviceCB(Callback):
     """Moves the model to `device` at `before_fit` and each batch at `before_batch`.
 
-    Events: `before_fit`, `before_batch`. Order: -20 (before callbacks that read the batch).
+    A `TensorLoader` whose tensors are already on `device` (`from_tensors(device=...)`) yields
+    batches that need no move, so its phases skip the per-batch work altogether.
+
+    Events: `before_fit`, `before_train`, `before_validate`, `before_batch`. Order: -20 (before
+    callbacks that read the batch).
 
     Args:
         device: where to train; `None` picks cuda, then mps, then cpu.
@@ -75,9 +88,23 @@ class DeviceCB(Callback):
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else default_device()
+        self._target, self._move = self.device, True
 
     def before_fit(self, learn: Learner) -> None:
         learn.model.to(self.device)
+        self._target = _resolve(self.device)
+
+    def before_train(self, learn: Learner) -> None:
+        self._move = not _yields_on(learn.dl, self._target)
+
+    def before_validate(self, learn: Learner) -> None:
+        self._move = not _yields_on(learn.dl, self._target)
 
     def before_batch(self, learn: Learner) -> None:
-        learn.batch = _move(learn.batch, self.device)
+        if self._move:
+            learn.batch = _move(learn.batch, self._target)
+
+
+def _yields_on(dl: Any, device: torch.device) -> bool:
+    # A TensorLoader's batches are slices of the tensors it holds, all on its `device`.
+    return isinstance(dl, TensorLoader) and dl.device == device
