@@ -28,9 +28,15 @@ class ProgressCB(Callback):
     In a notebook: HTML bars, the table, and with `plot=True` a live graph of the training and
     validation loss. In a terminal: one updating line with the running loss. When output is not a
     terminal (a log file, CI): no bars and no carriage returns, just the table, one line per epoch.
-    The running loss is read from the device only when the bar redraws (at most every
-    `update_every` seconds), so it does not slow training down. Under torch.distributed only
-    rank 0 shows anything (the table is the same on every rank: `MetricsCB` sums over ranks).
+    The bar redraws at most every `update_every` seconds, and only then is the running loss read
+    from the device, so the bars do not slow training down. Under torch.distributed only rank 0
+    shows anything (the table is the same on every rank: `MetricsCB` sums over ranks).
+
+    Args:
+        plot: in a notebook, draw the live loss graph.
+        update_every: seconds between redraws of a bar.
+        bars: draw bars: None (default) where output is a notebook or a terminal, True always,
+            False never (the table only).
 
     Events: `before_fit`, `before_train`, `before_validate`, `after_batch`, `after_epoch`,
     `cleanup_fit`. Order: 50 (after the callbacks that compute what it shows).
@@ -41,8 +47,10 @@ class ProgressCB(Callback):
 
     order = 50
 
-    def __init__(self, plot: bool = False, update_every: float = 0.2) -> None:
-        self.plot, self.update_every = plot, update_every
+    def __init__(
+        self, plot: bool = False, update_every: float = 0.2, bars: bool | None = None
+    ) -> None:
+        self.plot, self.update_every, self.want_bars = plot, update_every, bars
         # cleanup_fit may run without before_fit (an earlier callback raised there).
         self.pbar: Any = None
         self.mbar: Any = None
@@ -52,9 +60,10 @@ class ProgressCB(Callback):
     def before_fit(self, learn: Learner) -> None:
         self.quiet = not is_main_process()
         self.in_notebook = bool(fp.IN_NOTEBOOK)
-        self.bars = (
-            (self.in_notebook or sys.stdout.isatty()) and learn.n_epochs > 0 and not self.quiet
-        )
+        wanted = self.want_bars
+        if wanted is None:
+            wanted = self.in_notebook or sys.stdout.isatty()
+        self.bars = wanted and learn.n_epochs > 0 and not self.quiet
         self.header_written, self.pbar, self.mbar = False, None, None
         if self.bars:
             mbar_cls = fp.NBMasterBar if self.in_notebook else fp.ConsoleMasterBar
@@ -87,15 +96,17 @@ class ProgressCB(Callback):
         if pbar is None:
             return
         val = learn.iter + 1
-        # Mirror fastprogress' own throttle, so the loss is read only when the bar redraws.
-        if pbar.last_v is not None and (
+        # fastprogress' own throttle: between redraws `update` does nothing, so it is not called,
+        # and the loss is read from the device only for a redraw.
+        if pbar.last_v is None or not (
             val <= pbar.first_its
             or val >= pbar.last_v + pbar.wait_for
             or (pbar.total and val >= pbar.total)
         ):
-            if learn.training and learn.loss is not None:
-                pbar.comment = f"loss {learn.loss.item():.4f}"
-            if self.plot and self.in_notebook and learn.training:
+            return
+        if learn.training:
+            pbar.comment = f"loss {learn.loss.item():.4f}"
+            if self.plot and self.in_notebook:
                 self._update_graph(learn)
         pbar.update(val)
 
