@@ -134,8 +134,14 @@ class TensorLoader:
         perm = torch.randperm(n, generator=generator).to(self.device)
         # index_select is about twice as fast as t[idx] on the CPU, for the same result.
         # split() of an empty tensor yields one empty chunk: drop_last with n < bs has no batch.
-        for idx in perm[:stop].split(bs) if stop else ():
-            yield tuple([t.index_select(0, idx) for t in ts])
+        chunks = perm[:stop].split(bs) if stop else ()
+        if len(ts) == 2:  # the usual (x, y): no list to build per batch
+            x, y = ts
+            for idx in chunks:
+                yield x.index_select(0, idx), y.index_select(0, idx)
+        else:
+            for idx in chunks:
+                yield tuple([t.index_select(0, idx) for t in ts])
         if self.generator is not None:
             # RandomSampler draws one more, unused permutation when its epoch runs out. Drawing it
             # too keeps the next epoch's order, and any other user of the generator, in step.

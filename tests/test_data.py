@@ -80,6 +80,17 @@ def test_tensor_loader_matches_dataloader_with_generator(xy, shuffle, drop_last)
     assert torch.equal(ours.generator.get_state(), ref.generator.get_state())
 
 
+@pytest.mark.parametrize("n_tensors", [1, 3])
+def test_tensor_loader_matches_dataloader_with_any_number_of_tensors(xy, n_tensors):
+    x, y = xy
+    ts = [x, y, torch.rand(N)][:n_tensors]
+    ours = TensorLoader(*ts, bs=BS, shuffle=True, generator=torch.Generator().manual_seed(4))
+    ref = DataLoader(
+        TensorDataset(*ts), batch_size=BS, shuffle=True, generator=torch.Generator().manual_seed(4)
+    )
+    assert_same_batches(batches(ours, epochs=2), batches(ref, epochs=2))
+
+
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_tensor_loader_follows_manual_seed_like_dataloader(xy, shuffle):
     x, y = xy
