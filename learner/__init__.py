@@ -18,10 +18,10 @@ from learner.callbacks import (
     ParamSchedulerCB,
     ProgressCB,
     RecorderCB,
+    ResumeCB,
     SaveBestCB,
     Schedule,
     TensorBoardCB,
-    TensorLoaderShard,
     TerminateOnNaNCB,
     TrainEvalCB,
     accuracy,
@@ -36,11 +36,11 @@ from learner.callbacks import (
     sched_no,
     set_hyper,
     steep,
-    to_device,
     valley,
 )
 from learner.core import (
     EVENTS,
+    BaseLearner,
     Callback,
     CancelBatchException,
     CancelEpochException,
@@ -48,15 +48,18 @@ from learner.core import (
     CancelStepException,
     CancelTrainException,
     CancelValidateException,
-    Learner,
 )
 from learner.data import DataLoaders, TensorLoader
 from learner.hooks import Hook, Hooks, find_modules
 from learner.io import atomic_save
+from learner.learner import Learner
+from learner.sharding import TensorLoaderShard
+from learner.utils import to_device
 
 __all__ = [
     "EVENTS",
     "ActivationStatsCB",
+    "BaseLearner",
     "CSVLoggerCB",
     "Callback",
     "CancelBatchException",
@@ -84,6 +87,7 @@ __all__ = [
     "ParamSchedulerCB",
     "ProgressCB",
     "RecorderCB",
+    "ResumeCB",
     "SaveBestCB",
     "Schedule",
     "TensorBoardCB",

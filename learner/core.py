@@ -1,31 +1,34 @@
-"""The Learner: a training loop that fires events to callbacks.
+"""The training loop that fires events to callbacks: the bottom floor of the package.
 
-Read top to bottom: the cancel exceptions, the event list, `Callback`, then `Learner`
-(`fit` -> epoch -> train/validate -> batch).
+Read top to bottom: the cancel exceptions, the event list, `Callback`, then `BaseLearner`
+(`fit` -> epoch -> train/validate -> batch). Everything else is built on this module, which
+imports only leaf helpers: `learner.Learner` (learner/learner.py) adds the default callbacks,
+`metrics=`, resuming, saving, predictions and the training recipes.
 """
 
 from __future__ import annotations
 
-import os
-import re
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from learner._checks import (
+from learner.checks import (
     add_note_once,
     check_dls,
     check_events,
+    check_int,
     check_lr,
     check_not_empty,
     describe,
 )
-from learner.extras import LearnerExtras
+from learner.utils import snake
 
 __all__ = [
     "EVENTS",
+    "BaseLearner",
     "Callback",
     "CancelBatchException",
     "CancelEpochException",
@@ -33,7 +36,7 @@ __all__ = [
     "CancelStepException",
     "CancelTrainException",
     "CancelValidateException",
-    "Learner",
+    "as_cbs",
 ]
 
 
@@ -86,18 +89,18 @@ _LEVELS = {
 }
 _CLEANUPS = frozenset(e for e in EVENTS if e.startswith("cleanup_"))
 
-_STEP: Any = object()  # `learn.predict()` without an input: the training step
-
-
-def _snake(name: str) -> str:
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
-
 
 class Callback:
     """Base class for callbacks: implement any of `EVENTS` as `def event(self, learn): ...`.
 
-    Callbacks run sorted by `order` (lower first; ties keep insertion order). A callback is
-    reachable as `learn.<name>`, its class name in snake case without the `CB` suffix.
+    Callbacks run sorted by `order` (lower first; ties keep insertion order; the standard
+    callbacks' orders and the constraints between them are in `learner.callbacks.order`). A
+    callback is reachable as `learn.<name>`, its class name in snake case without the `CB` suffix.
+
+    A callback with state that a resumed run needs (counters, accumulators, positions) returns it
+    from `state_dict()` as plain values and tensors, and takes it back in `load_state_dict()`; a
+    checkpoint holds every non-empty one, by `name`. On `fit(resume_from=...)` each callback's
+    `before_fit` runs as in a fresh fit, then the states are loaded (`learner.callbacks.resume`).
 
     Example:
         >>> class PrintLossCB(Callback):
@@ -108,36 +111,62 @@ class Callback:
     """
 
     order: int = 0
+    in_lr_find: ClassVar[bool] = True
+    """Whether `lr_find`'s sweep runs a copy of this callback. False for callbacks that record,
+    log, write files or watch validation results: the sweep is not part of the run."""
 
     @property
     def name(self) -> str:
         """Attribute name on the Learner: `RecorderCB` -> `recorder`."""
         cls = type(self).__name__
-        return _snake(cls[:-2] if cls.endswith("CB") and len(cls) > 2 else cls)
+        return snake(cls[:-2] if cls.endswith("CB") and len(cls) > 2 else cls)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this callback: plain values and tensors. None by default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what `state_dict()` returned (called by a resumed fit after `before_fit`)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(order={self.order})"
 
 
-class Learner(LearnerExtras):
-    """Bundles a model, data loaders, a loss function and an optimizer, and trains with `fit`.
+def as_cbs(cbs: Callback | Iterable[Callback] | None) -> list[Callback]:
+    """`cbs=` as a list: None, one callback, or an iterable of them, each checked."""
+    if cbs is None:
+        return []
+    cbs = [cbs] if isinstance(cbs, Callback) else list(cbs)
+    for cb in cbs:
+        if not isinstance(cb, Callback):
+            raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}.")
+        check_events(cb, EVENTS)
+    return cbs
+
+
+class BaseLearner:
+    """The training loop: a model, data loaders, a loss function and an optimizer, trained by
+    `fit`, which fires `EVENTS` to callbacks. `learner.Learner` builds on it (default callbacks,
+    `metrics=`, resuming, saving, predictions): use that one.
+
+    The loop's state, which callbacks read and may change:
+
+    - `model`, `dls`, `loss_func`, `opt` (created by the first training `fit`), `lr`, `cbs`.
+    - `epoch`, `n_epochs`, `iter` (batch index in the phase), `training`, `dl` (the loader of the
+      running phase: a callback may replace it at `before_train`/`before_validate`).
+    - `batch`, `preds`, `loss` (the true loss), `loss_grad` (what `backward` differentiates).
+    - `run_train`, `run_valid`: whether this fit runs the phases.
+    - `start_epoch`, `start_iter`: where this fit starts; 0 and 0 except on a resumed fit, which
+      starts mid-run (`start_iter` is the first training batch of the first epoch, and is 0 again
+      once that training phase is over). `resuming`: whether this fit continues a saved run.
 
     Args:
         model: the `nn.Module` to train.
-        dls: an object with `.train` (and optionally `.valid`) iterables of `(x, y)` batches,
-            such as `learner.DataLoaders`.
+        dls: an object with `.train` (and optionally `.valid`) iterables of `(x, y)` batches.
         loss_func: `loss_func(preds, targets)` returning the mean loss of a batch.
         lr: learning rate for the optimizer created on the first `fit`.
-        cbs: callbacks to add (a user callback of a default callback's class replaces it).
+        cbs: callbacks to add (one, or an iterable); one of a class already added replaces it.
         opt_func: optimizer factory, called as `opt_func(model.parameters(), lr=lr)`.
-        metrics: handed to the default `MetricsCB`: one metric, a list, or a dict name -> metric.
-        default_cbs: add `TrainEvalCB, DeviceCB, MetricsCB, RecorderCB, ProgressCB`.
-
-    Example:
-        >>> learn = Learner(model, dls, F.cross_entropy, lr=0.1, opt_func=torch.optim.SGD,
-        ...                 metrics=accuracy)
-        >>> learn.fit(5)
-        >>> learn.recorder.history[-1]["accuracy"]
     """
 
     def __init__(
@@ -146,10 +175,8 @@ class Learner(LearnerExtras):
         dls: Any,
         loss_func: Callable[..., torch.Tensor],
         lr: float = 1e-3,
-        cbs: Iterable[Callback] | None = None,
+        cbs: Callback | Iterable[Callback] | None = None,
         opt_func: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
-        metrics: Any = None,
-        default_cbs: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -161,29 +188,19 @@ class Learner(LearnerExtras):
         self.lr = lr
         self.opt: torch.optim.Optimizer | None = None
         self.cbs: list[Callback] = []
-        self._handlers: dict[str, list[tuple[Callback, Callable[[Learner], None]]]] = {}
+        self._handlers: dict[str, list[tuple[Callback, Callable[[BaseLearner], None]]]] = {}
         self.epoch, self.n_epochs, self.iter, self.training = 0, 0, 0, False
-        self.start_epoch = 0  # the first epoch `fit` runs: a resumed fit starts mid-run
-        self.dl: Any = None  # the loader of the running phase
+        self.start_epoch, self.start_iter, self.resuming = 0, 0, False
+        self.dl: Any = None
         self.batch: Any = None
         self.preds: Any = None
         # Typed as a tensor so callbacks can call `learn.loss.item()`; set by get_loss.
         self.loss: torch.Tensor = torch.full((), torch.nan)
-        # What `backward` differentiates: `loss` unless a callback replaces it at before_backward
-        # (scaled for fp16, divided for accumulation) while `loss` stays the true loss.
+        # `loss` unless a callback replaces it at before_backward (scaled for fp16, divided for
+        # accumulation) while `loss` stays the true loss.
         self.loss_grad: torch.Tensor = self.loss
         self.run_train, self.run_valid = True, True
-        if default_cbs:
-            from learner.callbacks import default_callbacks
-
-            for cb in default_callbacks(metrics):
-                self.add_cb(cb)
-        elif metrics is not None:
-            raise ValueError(
-                "metrics= needs the default MetricsCB: pass default_cbs=True, or add "
-                "MetricsCB(...) to cbs yourself."
-            )
-        for cb in cbs or ():
+        for cb in as_cbs(cbs):
             self.add_cb(cb)
         self._build_handlers()
 
@@ -191,9 +208,7 @@ class Learner(LearnerExtras):
 
     def add_cb(self, cb: Callback) -> Callback | None:
         """Add `cb`; it replaces a callback of its own class. Returns the callback it replaced."""
-        if not isinstance(cb, Callback):
-            raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}.")
-        check_events(cb, EVENTS)
+        (cb,) = as_cbs(cb)
         old = next((c for c in self.cbs if isinstance(cb, type(c))), None)
         if old is None:
             self.cbs.append(cb)
@@ -207,12 +222,35 @@ class Learner(LearnerExtras):
         self.cbs.remove(cb)
         self._build_handlers()
 
+    @contextmanager
+    def removed_cbs(self, cbs: Callback | Iterable[Callback]) -> Iterator[None]:
+        """Within the `with` block, the learner runs without `cbs`; afterwards `learn.cbs` is the
+        same list as before, in the same order.
+
+        Example:
+            >>> with learn.removed_cbs(learn.progress):
+            ...     learn.fit(1)  # no progress bars
+        """
+        saved = list(self.cbs)
+        for cb in as_cbs(cbs):
+            self.cbs.remove(cb)
+        self._build_handlers()
+        try:
+            yield
+        finally:
+            self.cbs[:] = saved
+            self._build_handlers()
+
     def _build_handlers(self) -> None:
         # Sorted once per change, not once per event: dispatch is on the hot path.
         cbs = sorted(self.cbs, key=lambda c: c.order)  # stable: ties keep insertion order
         self._handlers = {
             e: [(c, getattr(c, e)) for c in cbs if callable(getattr(c, e, None))] for e in EVENTS
         }
+
+    def callbacks_at(self, event: str) -> list[Callback]:
+        """The callbacks that run at `event`, in the order they run."""
+        return [cb for cb, _ in self._handlers[event]]
 
     def __getattr__(self, name: str) -> Any:
         # Only reached when normal lookup fails: find a callback by name (`learn.recorder`).
@@ -247,44 +285,27 @@ class Learner(LearnerExtras):
         self,
         n_epochs: int = 1,
         lr: float | None = None,
-        cbs: Iterable[Callback] | None = None,
+        cbs: Callback | Iterable[Callback] | None = None,
         train: bool = True,
         valid: bool = True,
-        resume_from: str | os.PathLike[str] | None = None,
     ) -> None:
         """Train for `n_epochs` epochs, each a training then a validation phase.
 
         Args:
-            n_epochs: number of epochs (0 runs before_fit/after_fit only); when resuming, the
-                total of the run, as in the fit that wrote the checkpoint.
+            n_epochs: number of epochs (0 runs before_fit/after_fit only).
             lr: if given, sets the learning rate of the optimizer (kept across fits).
-            cbs: callbacks for this call only; removed afterwards, whatever happens.
+            cbs: callbacks for this call only (one, or an iterable); removed afterwards,
+                whatever happens.
             train: run the training phases.
             valid: run the validation phases (skipped anyway when `dls.valid` is absent).
-            resume_from: a checkpoint (`learn.save`, `CheckpointCB`) whose run this fit
-                continues exactly where it stopped: see `learner.checkpoint.Resume`.
         """
-        if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 0:
-            raise ValueError(f"n_epochs must be an int >= 0, got {n_epochs!r}.")
+        check_int("n_epochs", n_epochs, 0)
         if lr is not None:
             check_lr(lr)
         check_dls(self.dls)
         if train:
             check_not_empty(self.dls.train, "dls.train")
-        cbs = list(cbs or ())
-        for cb in cbs:
-            if not isinstance(cb, Callback):
-                raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}.")
-            check_events(cb, EVENTS)
-        if resume_from is not None:
-            if lr is not None:
-                raise ValueError(
-                    "fit(resume_from=...) continues the saved run, learning rates included: "
-                    "leave out lr=."
-                )
-            from learner.checkpoint import Resume
-
-            cbs.append(Resume(self, resume_from))  # reads and checks the file now
+        cbs = as_cbs(cbs)
         if train and self.opt is None and not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(
                 "The model has no trainable parameters, so there is nothing for the "
@@ -301,7 +322,6 @@ class Learner(LearnerExtras):
                     for group in self.opt.param_groups:
                         group["lr"] = lr
             self.n_epochs, self.run_train, self.run_valid = n_epochs, train, valid
-            self.start_epoch = 0
             self._with("fit", self._do_epochs, CancelFitException)
         finally:
             for cb, old in reversed(replaced):
@@ -332,7 +352,10 @@ class Learner(LearnerExtras):
 
     def _do_epoch(self) -> None:
         if self.run_train:
-            self._phase(True, self.dls.train, "train", CancelTrainException)
+            try:
+                self._phase(True, self.dls.train, "train", CancelTrainException)
+            finally:
+                self.start_iter = 0  # only the first training phase of a resumed fit starts late
         valid_dl = getattr(self.dls, "valid", None)
         if self.run_valid and valid_dl is not None:
             self._phase(False, valid_dl, "validate", CancelValidateException)
@@ -345,8 +368,9 @@ class Learner(LearnerExtras):
             self._with(level, self._do_batches, cancel)
 
     def _do_batches(self) -> None:
-        # A resumed fit's first training loader starts mid-epoch (learner/checkpoint.py).
-        start = getattr(self.dl, "start_iter", 0)
+        # A resumed fit's first training phase starts at batch `start_iter`: the callback that
+        # resumes hands the loop a loader that yields the rest of the epoch (see ResumeCB).
+        start = self.start_iter if self.training else 0
         self.iter = start - 1
         for i, batch in enumerate(self.dl, start):
             self.iter, self.batch = i, batch
@@ -398,18 +422,13 @@ class Learner(LearnerExtras):
 
     # -- training steps: override in a subclass to change how a batch is processed --------------
 
-    def predict(self, x: Any = _STEP) -> Any:
+    def predict(self) -> None:
         """Forward pass: `self.preds = self.model(self.batch[0])`.
 
-        With `x`, inference instead: the predictions for one batch or one item, in eval mode
-        under `torch.inference_mode()`, on the learner's device (see `learner.inference`).
+        Only the training step: inference is `learn.infer(x)`, which runs this step in eval and
+        inference mode, so overriding it changes inference too and cannot break it.
         """
-        if x is not _STEP:
-            from learner.inference import predict
-
-            return predict(self, x)
         self.preds = self.model(self.batch[0])
-        return None
 
     def get_loss(self) -> None:
         """`self.loss = self.loss_func(self.preds, self.batch[1])`."""

@@ -17,13 +17,14 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
-from torch import nn
+
+from learner.utils import unwrap_model
 
 __all__ = [
     "all_reduce_sum",
+    "collective_device",
     "is_distributed",
     "is_main_process",
     "local_rank",
@@ -77,8 +78,10 @@ def torchrun_env() -> bool:
     return all(os.environ.get(n, "").strip() for n in names) and _env_int("WORLD_SIZE", 1) > 1
 
 
-def _collective_device(like: torch.Tensor | None = None) -> torch.device:
-    # nccl reduces CUDA tensors only; gloo takes CPU ones (and CUDA ones, through the host).
+def collective_device(like: torch.Tensor | None = None) -> torch.device:
+    """Where a tensor must be for a collective: this rank's GPU under nccl (which reduces CUDA
+    tensors only), else where `like` is (gloo takes CPU tensors, and CUDA ones through the host).
+    """
     if torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return like.device if like is not None else torch.device("cpu")
@@ -94,7 +97,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return t
-    device = _collective_device(t)
+    device = collective_device(t)
     out = t.detach().to(device, copy=True)
     torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
     return out.to(t.device)
@@ -111,22 +114,7 @@ def ranks_where(flag: bool) -> list[int]:
     """
     if not is_distributed():
         return [rank()] if flag else []
-    flags = torch.zeros(world_size(), dtype=torch.int32, device=_collective_device())
+    flags = torch.zeros(world_size(), dtype=torch.int32, device=collective_device())
     flags[rank()] = int(bool(flag))
     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.SUM)
     return [i for i, f in enumerate(flags.tolist()) if f]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside a `DistributedDataParallel` (or `DataParallel`, or
-    `torch.compile`) wrapper; `model` itself if it is not wrapped. Save its `state_dict()` so the
-    keys carry no `module.` prefix and load into the plain model, with any number of processes.
-    """
-    inner: Any = model
-    while True:
-        if isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            inner = inner.module
-        elif hasattr(inner, "_orig_mod") and isinstance(inner._orig_mod, nn.Module):
-            inner = inner._orig_mod
-        else:
-            return inner

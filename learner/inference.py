@@ -1,5 +1,9 @@
-"""Predictions outside training: `learn.get_preds()` over a loader, `learn.predict(x)` for one
-batch or one item. Neither fires events, so no callback runs and nothing is recorded."""
+"""Predictions outside training: `learn.get_preds()` over a loader, `learn.infer(x)` for one
+batch or one item. Neither fires events, so no callback runs and nothing is recorded.
+
+Both run the learner's training step `predict` (so a subclass's forward pass is used) in eval
+mode under `torch.inference_mode()`: overriding the step changes inference and cannot break it.
+"""
 
 from __future__ import annotations
 
@@ -8,33 +12,22 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
 
-from learner.callbacks.device import to_device
-from learner.core import Learner
+from learner.core import BaseLearner
+from learner.rng import rng_state, set_rng_state
+from learner.snapshot import kept_state
+from learner.utils import model_device, to_device
 
-__all__ = ["get_preds", "predict"]
-
-
-def _device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
+__all__ = ["get_preds", "infer"]
 
 
 @contextmanager
-def _inference(learn: Learner) -> Iterator[None]:
-    """Eval mode and inference mode; afterwards every submodule's training flag and the
-    learner's batch, predictions and loss are as before."""
-    flags = [(m, m.training) for m in learn.model.modules()]
-    saved = learn.batch, learn.preds, learn.loss
-    try:
+def _inference(learn: BaseLearner) -> Iterator[None]:
+    """Eval mode and inference mode; afterwards the learner's state is as before."""
+    with kept_state(learn):
         learn.model.eval()
         with torch.inference_mode():
             yield
-    finally:
-        learn.batch, learn.preds, learn.loss = saved
-        for m, training in flags:
-            m.training = training
 
 
 def _cat(parts: list[Any]) -> Any:
@@ -64,7 +57,7 @@ def _per_item_loss(loss_func: Callable[..., torch.Tensor]) -> Callable[..., torc
 
 
 def get_preds(
-    learn: Learner, dl: Any = None, with_targets: bool = True, with_loss: bool = False
+    learn: BaseLearner, dl: Any = None, with_targets: bool = True, with_loss: bool = False
 ) -> Any:
     """Predictions of the model over a loader, as one tensor on the CPU.
 
@@ -92,7 +85,7 @@ def get_preds(
         dl = getattr(learn.dls, "valid", None)
         if dl is None:
             raise ValueError("get_preds: dls has no validation loader; pass one: get_preds(dl).")
-    device = _device(learn.model)
+    device = model_device(learn.model)
     loss_func = _per_item_loss(learn.loss_func) if with_loss else None
     preds, targets, losses = [], [], []
     with _inference(learn):
@@ -127,13 +120,11 @@ def get_preds(
     return out[0] if len(out) == 1 else tuple(out)
 
 
-def _input_ndim(learn: Learner) -> int:
+def _input_ndim(learn: BaseLearner) -> int:
     """The number of dimensions of a batch's input: from the last batch seen, or one drawn
     from the training loader with every random state put back."""
     if learn.batch is not None:
         return int(learn.batch[0].ndim)
-    from learner.rng import rng_state, set_rng_state
-
     rng = rng_state(learn.dls)
     try:
         return int(next(iter(learn.dls.train))[0].ndim)
@@ -141,7 +132,7 @@ def _input_ndim(learn: Learner) -> int:
         set_rng_state(learn.dls, rng)
 
 
-def predict(learn: Learner, x: torch.Tensor) -> Any:
+def infer(learn: BaseLearner, x: torch.Tensor) -> Any:
     """The model's predictions for one batch `x`, or for one item (returned without a batch
     dimension), in eval mode under `torch.inference_mode()`, on the learner's device.
 
@@ -149,23 +140,24 @@ def predict(learn: Learner, x: torch.Tensor) -> Any:
     batch the learner saw, or else one drawn from `dls.train` without changing any random
     state). Every submodule's training flag, and `learn.batch`, `preds` and `loss`, are
     restored; no event fires. The predictions stay on the model's device: `.cpu()` them if
-    needed. Call it as `learn.predict(x)`.
+    needed. Call it as `learn.infer(x)`. (fastai calls this `learn.predict(item)`; here
+    `predict` is the training step, as in the course's miniai.)
 
     Example:
-        >>> learn.predict(x_valid[0]).argmax()  # one item
-        >>> learn.predict(x_valid[:8]).shape    # one batch
+        >>> learn.infer(x_valid[0]).argmax()  # one item
+        >>> learn.infer(x_valid[:8]).shape    # one batch
     """
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"predict(x) takes a tensor, got {type(x).__name__}.")
+        raise TypeError(f"infer(x) takes a tensor, got {type(x).__name__}.")
     ndim = _input_ndim(learn)
     if x.ndim not in (ndim, ndim - 1):
         raise ValueError(
-            f"predict(x): x has shape {tuple(x.shape)}, but a training batch's input has "
+            f"infer(x): x has shape {tuple(x.shape)}, but a training batch's input has "
             f"{ndim} dimensions: pass one item ({ndim - 1} dims) or a batch ({ndim} dims)."
         )
     single = x.ndim == ndim - 1
     with _inference(learn):
-        learn.batch = (to_device(x.unsqueeze(0) if single else x, _device(learn.model)),)
+        learn.batch = (to_device(x.unsqueeze(0) if single else x, model_device(learn.model)),)
         learn.predict()
         preds = learn.preds
     return preds[0] if single else preds

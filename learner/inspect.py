@@ -1,21 +1,20 @@
 """Looking at a Learner: which callbacks run at each event, and what the model does to a batch.
 
-`Learner.show_training_loop()` and `Learner.summary()` call these.
+They are `Learner.show_training_loop()` and `Learner.summary()`.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from learner.callbacks.device import to_device
-from learner.core import Learner
+from learner.core import EVENTS, BaseLearner, Callback
 from learner.hooks import Hook, Hooks
-from learner.rng import rng_state, set_rng_state
+from learner.snapshot import kept_state
+from learner.utils import model_device, to_device
 
 __all__ = ["show_training_loop", "summary"]
 
@@ -28,11 +27,14 @@ class Report(str):
         pass
 
 
-def show_training_loop(learn: Learner) -> Report:
+def show_training_loop(learn: BaseLearner) -> Report:
     """Print and return every event in the order it first fires, indented by loop level, with the
     callbacks that run at it, in the order they run: `before_fit: TrainEvalCB(-30), ...`."""
-    # The dispatch table itself: its keys are EVENTS in order, its values what actually runs.
-    handlers = learn._handlers
+    return _report(_loop_table({event: learn.callbacks_at(event) for event in EVENTS}))
+
+
+def _loop_table(handlers: dict[str, list[Callback]]) -> str:
+    # `handlers`: EVENTS in order, each with the callbacks that run at it.
     rows: list[tuple[str, str]] = []
     open_levels: list[str] = []  # levels whose before_ is listed and whose cleanup_ is not yet
     for event, event_handlers in handlers.items():
@@ -42,16 +44,16 @@ def show_training_loop(learn: Learner) -> Report:
             depth = open_levels.index(level)  # at its level's depth, not inside it
             if kind == "cleanup":
                 del open_levels[depth:]
-        cbs = ", ".join(f"{type(cb).__name__}({cb.order})" for cb, _ in event_handlers)
+        cbs = ", ".join(f"{type(cb).__name__}({cb.order})" for cb in event_handlers)
         rows.append(("  " * depth + event, cbs or "-"))
         # A before_ without a cleanup_ (before_step) is a point inside its level, not a level.
         if kind == "before" and f"cleanup_{level}" in handlers:
             open_levels.append(level)
     width = max(len(name) for name, _ in rows)
-    return _report("\n".join(f"{name:<{width}} : {cbs}" for name, cbs in rows))
+    return "\n".join(f"{name:<{width}} : {cbs}" for name, cbs in rows)
 
 
-def summary(learn: Learner) -> Report:
+def summary(learn: BaseLearner) -> Report:
     """Print and return, per top-level layer of `learn.model`, its output shape for one batch of
     `learn.dls.train`, its number of parameters and whether they are trainable; then the totals.
 
@@ -63,21 +65,13 @@ def summary(learn: Learner) -> Report:
     model = learn.model
     layers = list(model.named_children()) or [("<model>", model)]
     # Drawing a batch from a shuffled loader consumes random numbers: put them back after.
-    rng = rng_state(learn.dls)
-    flags = [(m, m.training) for m in model.modules()]
-    saved = learn.batch, learn.preds
-    try:
+    with kept_state(learn, rng=True):
         batch = _one_batch(learn.dls.train)
-        learn.batch = to_device(batch, _device(model))
+        learn.batch = to_device(batch, model_device(model))
         model.eval()
         with torch.no_grad(), Hooks([m for _, m in layers], _keep_first_shape) as hooks:
             learn.predict()
         shapes = [h.stored[0] if h.stored else "(not run)" for h in hooks]
-    finally:
-        learn.batch, learn.preds = saved
-        for m, training in flags:
-            m.training = training
-        set_rng_state(learn.dls, rng)
 
     table = [("Layer", "Type", "Output shape", "Params", "Trainable")]
     for (name, m), shape in zip(layers, shapes):
@@ -135,11 +129,6 @@ def _shape(obj: Any) -> str:
 
 def _first(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) and batch else batch
-
-
-def _device(model: nn.Module) -> torch.device:
-    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _count(params: Sequence[torch.Tensor]) -> int:

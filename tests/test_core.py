@@ -372,7 +372,7 @@ def test_typoed_event_names_are_rejected(tiny: dict[str, Any], typo: str) -> Non
 def test_callback_classes_are_checked_once(
     tiny: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import learner._checks as checks
+    import learner.checks as checks
 
     checked: list[type] = []
     real = checks._check_names

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 from typing import Any
 
@@ -73,31 +74,53 @@ def test_get_preds_options(tiny: dict[str, Any]) -> None:
         learn.get_preds()
 
 
-def test_predict_one_item_or_one_batch(tiny: dict[str, Any]) -> None:
+def test_infer_one_item_or_one_batch(tiny: dict[str, Any]) -> None:
     learn = _learner(tiny)
     x = torch.randn(5, 4)
     learn.model.eval()
     with torch.no_grad():
         want, want_item = learn.model(x), learn.model(x[1:2])[0]
     learn.model.train()
-    batch = learn.predict(x)
-    item = learn.predict(x[1])
+    batch = learn.infer(x)
+    item = learn.infer(x[1])
     assert torch.equal(batch, want)
     assert item.shape == (3,) and torch.equal(item, want_item)
     assert learn.model.training and learn.model[2].training
     with pytest.raises(ValueError, match=r"one item \(1 dims\) or a batch \(2 dims\)"):
-        learn.predict(torch.randn(2, 2, 4))
+        learn.infer(torch.randn(2, 2, 4))
     with pytest.raises(TypeError, match="takes a tensor"):
-        learn.predict([1.0, 2.0])
+        learn.infer([1.0, 2.0])
 
 
-def test_predict_before_training_peeks_a_batch_without_touching_random_states() -> None:
+def test_infer_before_training_peeks_a_batch_without_touching_random_states() -> None:
     x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
     gen = torch.Generator().manual_seed(0)
     dls = DataLoaders.from_tensors(x, y, bs=4, generator=gen)
     learn = Learner(nn.Linear(4, 3), dls, F.cross_entropy)
     states = torch.get_rng_state(), gen.get_state(), random.getstate()
-    assert learn.predict(x[0]).shape == (3,)
+    assert learn.infer(x[0]).shape == (3,)
     assert torch.equal(torch.get_rng_state(), states[0]) and torch.equal(gen.get_state(), states[1])
     assert random.getstate() == states[2]
     assert learn.batch is None and learn.opt is None
+
+
+def test_overriding_the_training_step_changes_inference_and_cannot_break_it(
+    tiny: dict[str, Any],
+) -> None:
+    class DoubledLearner(Learner):
+        """The course's idiom: a subclass overrides the training step `predict(self)`."""
+
+        def predict(self) -> None:
+            self.preds = 2 * self.model(self.batch[0])
+
+    learn = DoubledLearner(**tiny)
+    learn.fit(1)
+    x = torch.randn(5, 4)
+    learn.model.eval()
+    with torch.no_grad():
+        want = 2 * learn.model(x)
+    assert torch.equal(learn.infer(x), want)
+    assert torch.equal(learn.infer(x[0]), want[0])
+    assert torch.equal(learn.get_preds(dl=[(x, torch.zeros(5, dtype=torch.long))])[0], want)
+    # The training step takes no input: it is not also the inference entry point.
+    assert list(inspect.signature(Learner.predict).parameters) == ["self"]

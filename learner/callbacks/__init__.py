@@ -7,15 +7,16 @@ from typing import Any
 from learner.callbacks.activation_stats import ActivationStatsCB
 from learner.callbacks.checkpoint import CheckpointCB
 from learner.callbacks.csv_logger import CSVLoggerCB
-from learner.callbacks.device import DeviceCB, default_device, to_device
-from learner.callbacks.distributed import DistributedCB, TensorLoaderShard, shard_loader
+from learner.callbacks.device import DeviceCB, default_device
 from learner.callbacks.grad_accum import GradAccumCB
 from learner.callbacks.grad_clip import GradClipCB
 from learner.callbacks.lr_finder import LRFinderCB, LRFindResult, lr_find, steep, valley
 from learner.callbacks.metrics import MetricsCB, accuracy
 from learner.callbacks.mixed_precision import MixedPrecisionCB
+from learner.callbacks.parallel import DistributedCB
 from learner.callbacks.progress import ProgressCB
 from learner.callbacks.recorder import RecorderCB
+from learner.callbacks.resume import ResumeCB
 from learner.callbacks.schedule import (
     LRSchedulerCB,
     ParamSchedulerCB,
@@ -53,10 +54,10 @@ __all__ = [
     "ParamSchedulerCB",
     "ProgressCB",
     "RecorderCB",
+    "ResumeCB",
     "SaveBestCB",
     "Schedule",
     "TensorBoardCB",
-    "TensorLoaderShard",
     "TerminateOnNaNCB",
     "TrainEvalCB",
     "accuracy",
@@ -71,15 +72,13 @@ __all__ = [
     "sched_lin",
     "sched_no",
     "set_hyper",
-    "shard_loader",
     "steep",
-    "to_device",
     "valley",
 ]
 
 
 def default_callbacks(metrics: Any = None) -> list[Callback]:
-    """The callbacks `Learner(default_cbs=True)` adds; `metrics` as in `Learner(metrics=...)`.
+    """The callbacks `Learner(default_cbs=True)` adds, new; `metrics` as in `Learner(metrics=...)`.
 
     Under torchrun with more than one process (`learner.distributed.torchrun_env()`), also a
     `DistributedCB`, so a script runs unchanged on one process or many."""

@@ -9,9 +9,11 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from learner.callbacks.recorder import _new_figure
-from learner.core import Callback, Learner
+from learner.callbacks.order import ORDERS
+from learner.checks import check_int
+from learner.core import BaseLearner, Callback
 from learner.hooks import Hook, Hooks, ModuleSpec, find_modules
+from learner.plotting import new_figure
 
 __all__ = ["ActivationStatsCB"]
 
@@ -54,7 +56,8 @@ class ActivationStatsCB(Callback):
         >>> stats.color_dim().savefig("color_dim.png")
     """
 
-    order = 0
+    order = ORDERS["ActivationStatsCB"]
+    in_lr_find = False  # its records are the run's
 
     def __init__(
         self,
@@ -64,9 +67,8 @@ class ActivationStatsCB(Callback):
         hist_range: tuple[float, float] = (0.0, 10.0),
         with_valid: bool = False,
     ) -> None:
-        for name, value in [("every", every), ("bins", bins)]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+        check_int("every", every, 1)
+        check_int("bins", bins, 1)
         low, high = (float(v) for v in hist_range)
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise ValueError(f"hist_range must be finite, low < high; got {hist_range!r}.")
@@ -86,7 +88,7 @@ class ActivationStatsCB(Callback):
 
     # -- recording ------------------------------------------------------------------------------
 
-    def before_fit(self, learn: Learner) -> None:
+    def before_fit(self, learn: BaseLearner) -> None:
         model = learn.model
         layers = self._choose(model)
         if [id(m) for m in layers] != [id(m) for m in self._layers]:  # other layers: start over
@@ -113,7 +115,7 @@ class ActivationStatsCB(Callback):
             )
         return leaves
 
-    def before_batch(self, learn: Learner) -> None:
+    def before_batch(self, learn: BaseLearner) -> None:
         wanted = learn.training or self.with_valid
         self.recording = wanted and self.n_seen % self.every == 0
         self.n_seen += wanted
@@ -134,21 +136,21 @@ class ActivationStatsCB(Callback):
         hist = torch.histc(acts.abs().clamp_(self.low, self.high), self.bins, self.low, self.high)
         hook.stored.append(torch.cat([mean[None], std[None], hist]))
 
-    def after_batch(self, learn: Learner) -> None:
+    def after_batch(self, learn: BaseLearner) -> None:
         # Rows wait on their hook until the batch completes, so a cancelled batch records nothing.
         if self.recording and self.hooks is not None:
             for hook, rows in zip(self.hooks, self._device):
                 rows.extend(hook.stored)
 
-    def cleanup_batch(self, learn: Learner) -> None:
+    def cleanup_batch(self, learn: BaseLearner) -> None:
         self.recording = False
         for hook in self.hooks or ():
             hook.stored.clear()
 
-    def after_epoch(self, learn: Learner) -> None:
+    def after_epoch(self, learn: BaseLearner) -> None:
         self._flush()
 
-    def cleanup_fit(self, learn: Learner) -> None:
+    def cleanup_fit(self, learn: BaseLearner) -> None:
         if self.hooks is not None:
             self.hooks.remove()
         self.hooks, self.recording = None, False
@@ -191,7 +193,7 @@ class ActivationStatsCB(Callback):
     def plot_stats(self) -> Figure:
         """Mean and standard deviation of each layer's activations over batches."""
         means, stds = self.means, self.stds
-        fig, (ax_mean, ax_std) = _new_figure(2)
+        fig, (ax_mean, ax_std) = new_figure(2)
         for name, mean, std in zip(self.names, means, stds):
             ax_mean.plot(mean.tolist(), label=name)
             ax_std.plot(std.tolist(), label=name)
@@ -204,7 +206,7 @@ class ActivationStatsCB(Callback):
         """The course's "colorful dimension": per layer, an image of the log histogram of
         |activation| (vertical, low values at the bottom) over batches (horizontal)."""
         hists = self.hists
-        fig, axes = _new_figure(len(hists), width=4.0, height=3.0, ncols=ncols)
+        fig, axes = new_figure(len(hists), width=4.0, height=3.0, ncols=ncols)
         for ax, name, hist in zip(axes, self.names, hists):
             ax.set(title=name, xlabel=self._xlabel(), ylabel="|activation|")
             if len(hist):
@@ -217,7 +219,7 @@ class ActivationStatsCB(Callback):
         """Per layer, the fraction of activations in the lowest histogram bin over batches: near 1,
         the layer is mostly dead (a ReLU outputting zeros)."""
         hists = self.hists
-        fig, axes = _new_figure(len(hists), width=4.0, height=3.0, ncols=ncols)
+        fig, axes = new_figure(len(hists), width=4.0, height=3.0, ncols=ncols)
         for ax, name, hist in zip(axes, self.names, hists):
             ax.plot((hist[:, 0] / hist.sum(1)).tolist())
             ax.set(title=name, xlabel=self._xlabel(), ylabel="fraction in lowest bin", ylim=(0, 1))

@@ -11,9 +11,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from learner.checkpoint import rng_state, save
-from learner.core import Callback, Learner
+from learner.callbacks.order import ORDERS
+from learner.checks import check_int
+from learner.core import BaseLearner, Callback
 from learner.distributed import is_main_process
+from learner.rng import rng_state
+from learner.saving import save
 
 __all__ = ["CheckpointCB"]
 
@@ -55,7 +58,8 @@ class CheckpointCB(Callback):
         ...           resume_from="run/ckpt.pt")
     """
 
-    order = 65
+    order = ORDERS["CheckpointCB"]
+    in_lr_find = False  # the sweep is not part of the run: it writes nothing
 
     def __init__(
         self,
@@ -64,11 +68,9 @@ class CheckpointCB(Callback):
         every_n_batches: int | None = None,
         keep_last: int = 1,
     ) -> None:
-        for name, n in (("every_n_epochs", every_n_epochs), ("every_n_batches", every_n_batches)):
-            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-                raise ValueError(f"{name} must be an int >= 1 or None, got {n!r}.")
-        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-            raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}.")
+        check_int("every_n_epochs", every_n_epochs, 1, optional=True)
+        check_int("every_n_batches", every_n_batches, 1, optional=True)
+        check_int("keep_last", keep_last, 1)
         self.path = Path(path)
         self.every_n_epochs, self.every_n_batches = every_n_epochs, every_n_batches
         self.keep_last = keep_last
@@ -90,14 +92,14 @@ class CheckpointCB(Callback):
             flush=True,
         )
 
-    def before_fit(self, learn: Learner) -> None:
+    def before_fit(self, learn: BaseLearner) -> None:
         self.n_batches, self.batch_done, self.interrupted = 0, False, False
         if threading.current_thread() is threading.main_thread():
             old = signal.signal(signal.SIGINT, self._on_sigint)
             # None: a handler not set from Python; the default one raises KeyboardInterrupt.
             self._old_handler = signal.default_int_handler if old is None else old
 
-    def cleanup_fit(self, learn: Learner) -> None:
+    def cleanup_fit(self, learn: BaseLearner) -> None:
         if self._old_handler is not None:
             if signal.getsignal(signal.SIGINT) == self._on_sigint:
                 signal.signal(signal.SIGINT, self._old_handler)
@@ -108,14 +110,15 @@ class CheckpointCB(Callback):
 
     # -- when to write --
 
-    def before_train(self, learn: Learner) -> None:
+    def before_train(self, learn: BaseLearner) -> None:
         # The loop iterates the loader right after before_train: its shuffle draws from these.
+        # (A fit resumed mid-epoch has put back the saved epoch's states by now: ResumeCB.)
         self.epoch_rng = rng_state(learn.dls)
 
-    def after_batch(self, learn: Learner) -> None:
+    def after_batch(self, learn: BaseLearner) -> None:
         self.batch_done = learn.training
 
-    def cleanup_batch(self, learn: Learner) -> None:
+    def cleanup_batch(self, learn: BaseLearner) -> None:
         if not self.batch_done:
             return
         self.batch_done = False
@@ -125,7 +128,7 @@ class CheckpointCB(Callback):
             self._write(learn, learn.epoch, learn.iter + 1)
         self._stop_if_interrupted()
 
-    def after_epoch(self, learn: Learner) -> None:
+    def after_epoch(self, learn: BaseLearner) -> None:
         n = self.every_n_epochs
         if learn.run_train and ((n is not None and (learn.epoch + 1) % n == 0) or self.interrupted):
             self._write(learn, learn.epoch + 1, 0)
@@ -138,7 +141,7 @@ class CheckpointCB(Callback):
 
     # -- writing --
 
-    def _write(self, learn: Learner, epoch: int, batches: int) -> None:
+    def _write(self, learn: BaseLearner, epoch: int, batches: int) -> None:
         if not is_main_process():  # under DDP every rank holds the same weights: one writer
             return
         if self.keep_last > 1 and self.path.exists():

@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from learner.callbacks.order import ORDERS
 from learner.callbacks.recorder import RecorderCB, find_recorder
-from learner.core import Callback, Learner
+from learner.core import BaseLearner, Callback
 from learner.distributed import is_main_process
 
 __all__ = ["CSVLoggerCB"]
@@ -32,7 +33,11 @@ class CSVLoggerCB(Callback):
         path: the CSV file; missing parent folders are created.
         append: add to an existing file instead of overwriting it.
 
-    Events: `before_fit`, `cleanup_epoch`. Order: -4 (just after RecorderCB, which makes the row).
+    Rows already in the recorder's history when the fit's first epoch starts (earlier fits, or
+    the saved run of a resumed fit) are not written again.
+
+    Events: `before_fit`, `before_epoch`, `cleanup_epoch`. Order: -4 (just after RecorderCB,
+    which makes the row).
 
     Example:
         >>> learn.fit(3, cbs=[CSVLoggerCB("runs/history.csv")])
@@ -40,7 +45,8 @@ class CSVLoggerCB(Callback):
         >>> learn.fit(2, cbs=[CSVLoggerCB("runs/history.csv", append=True)])
     """
 
-    order = -4
+    order = ORDERS["CSVLoggerCB"]
+    in_lr_find = False
 
     def __init__(self, path: str | os.PathLike[str], append: bool = False) -> None:
         self.path, self.append = Path(path), append
@@ -49,14 +55,14 @@ class CSVLoggerCB(Callback):
         self.started = False  # the file has been claimed by this callback (truncated or checked)
         self.header: list[str] | None = None
         self.recorder: RecorderCB | None = None
-        self.n_written = 0  # rows of the recorder's history already in the file
+        self.n_written: int | None = None  # rows of the recorder's history already handled
 
-    def before_fit(self, learn: Learner) -> None:
+    def before_fit(self, learn: BaseLearner) -> None:
         self.recorder = find_recorder(learn, "CSVLoggerCB")
         if not is_main_process():  # every rank has the same history: rank 0 writes it
             self.recorder = None
             return
-        self.n_written = len(self.recorder.history)  # only epochs from now on
+        self.n_written = None  # counted at the first epoch: a resumed fit loads the recorder later
         if self.started:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,8 +74,12 @@ class CSVLoggerCB(Callback):
             self.header = None
         self.started = True
 
-    def cleanup_epoch(self, learn: Learner) -> None:
-        if self.recorder is None:
+    def before_epoch(self, learn: BaseLearner) -> None:
+        if self.recorder is not None and self.n_written is None:
+            self.n_written = len(self.recorder.history)  # only epochs from now on
+
+    def cleanup_epoch(self, learn: BaseLearner) -> None:
+        if self.recorder is None or self.n_written is None:
             return
         rows = self.recorder.history[self.n_written :]
         if not rows:

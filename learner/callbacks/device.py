@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
 import torch
 
-from learner.core import Callback, Learner
+from learner.callbacks.order import ORDERS
+from learner.core import BaseLearner, Callback
 from learner.data import TensorLoader
+from learner.utils import move
 
-__all__ = ["DeviceCB", "default_device", "to_device"]
+__all__ = ["DeviceCB", "default_device"]
 
 
 def default_device() -> torch.device:
@@ -24,40 +25,6 @@ def default_device() -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def to_device(obj: Any, device: torch.device | str) -> Any:
-    """Move every tensor in `obj` to `device`, through tuples, lists, dicts, namedtuples and
-    dataclasses; other leaves are returned as they are.
-
-    Example:
-        >>> to_device({"x": torch.ones(2), "n": 3}, "cpu")
-        {'x': tensor([1., 1.]), 'n': 3}
-    """
-    return _move(obj, torch.device(device))
-
-
-def _move(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        if obj.device == device:  # the common case on one device: no dispatcher call at all
-            return obj
-        # Host-to-device copies may overlap with compute; device-to-host ones must not (the host
-        # would read memory before the copy lands).
-        return obj.to(device, non_blocking=device.type == "cuda" and obj.device.type == "cpu")
-    if type(obj) is tuple:  # the usual (x, y) batch, before the slower general checks
-        return tuple([_move(o, device) for o in obj])
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_move(o, device) for o in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)([_move(o, device) for o in obj])
-    if isinstance(obj, dict):
-        return type(obj)((k, _move(v, device)) for k, v in obj.items())
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        fields = {
-            f.name: _move(getattr(obj, f.name), device) for f in dataclasses.fields(obj) if f.init
-        }
-        return dataclasses.replace(obj, **fields)
-    return obj
 
 
 def _resolve(device: torch.device) -> torch.device:
@@ -84,25 +51,25 @@ class DeviceCB(Callback):
         >>> learn = Learner(model, dls, F.cross_entropy, cbs=[DeviceCB("cpu")])
     """
 
-    order = -20
+    order = ORDERS["DeviceCB"]
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self._target, self._move = self.device, True
 
-    def before_fit(self, learn: Learner) -> None:
+    def before_fit(self, learn: BaseLearner) -> None:
         learn.model.to(self.device)
         self._target = _resolve(self.device)
 
-    def before_train(self, learn: Learner) -> None:
+    def before_train(self, learn: BaseLearner) -> None:
         self._move = not _yields_on(learn.dl, self._target)
 
-    def before_validate(self, learn: Learner) -> None:
+    def before_validate(self, learn: BaseLearner) -> None:
         self._move = not _yields_on(learn.dl, self._target)
 
-    def before_batch(self, learn: Learner) -> None:
+    def before_batch(self, learn: BaseLearner) -> None:
         if self._move:
-            learn.batch = _move(learn.batch, self._target)
+            learn.batch = move(learn.batch, self._target)
 
 
 def _yields_on(dl: Any, device: torch.device) -> bool:

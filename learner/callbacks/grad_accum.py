@@ -6,8 +6,10 @@ import warnings
 
 import torch
 
-from learner.callbacks.metrics import _batch_size
-from learner.core import Callback, CancelStepException, Learner
+from learner.callbacks.order import ORDERS
+from learner.checks import check_int
+from learner.core import BaseLearner, Callback, CancelStepException
+from learner.utils import batch_size
 
 __all__ = ["GradAccumCB"]
 
@@ -33,8 +35,9 @@ class GradAccumCB(Callback):
     `learn.loss`, and so the recorded loss, stays each batch's own loss. `after_step` (where a
     scheduler advances) fires once per group.
 
-    `state_dict()` holds the open group; loaded before a fit, it is continued by that fit's first
-    training phase (a checkpoint written mid-group also holds the accumulated gradients).
+    `state_dict()` holds the open group; a fit resumed mid-epoch (`learn.start_iter > 0`) goes on
+    with it in its first training phase (a checkpoint written mid-group also holds the
+    accumulated gradients).
 
     Events: `before_fit`, `before_train`, `before_backward`, `before_step`, `after_train`,
     `cleanup_train`. Order: 5 (before MixedPrecisionCB, 10, so that batches that do not step are
@@ -49,22 +52,19 @@ class GradAccumCB(Callback):
         >>> learn.fit(1)
     """
 
-    order = 5
+    order = ORDERS["GradAccumCB"]
 
     def __init__(self, n_batches: int) -> None:
-        if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
-            raise ValueError(f"GradAccumCB n_batches must be an int >= 1, got {n_batches!r}.")
+        check_int("GradAccumCB n_batches", n_batches, 1)
         self.n_batches = n_batches
-        self.n_iters = 0  # batches in this epoch's training loader
         self._reset()
-        self._loaded: dict[str, int] | None = None
 
     def _reset(self) -> None:
         self.count = 0  # batches accumulated in the open group
         self.samples = 0  # samples accumulated in the open group
         self.full = 0  # samples in a full group: what each batch's weight assumed
 
-    def before_fit(self, learn: Learner) -> None:
+    def before_fit(self, learn: BaseLearner) -> None:
         if not learn.run_train:
             return
         try:
@@ -76,23 +76,21 @@ class GradAccumCB(Callback):
                 "a __len__ (a DataLoader over a map-style dataset has one)."
             ) from None
 
-    def before_train(self, learn: Learner) -> None:
-        self.n_iters = len(learn.dl)
-        self._reset()
-        if self._loaded is not None:  # resuming mid-epoch: go on with the saved group
-            self.count, self.samples, self.full = (self._loaded[k] for k in _GROUP)
-            self._loaded = None
+    def before_train(self, learn: BaseLearner) -> None:
+        if not learn.start_iter:  # resuming mid-epoch: the loaded group goes on
+            self._reset()
 
-    def before_backward(self, learn: Learner) -> None:
-        bs = _batch_size(learn.batch)
+    def before_backward(self, learn: BaseLearner) -> None:
+        bs = batch_size(learn.batch)
         if self.count == 0:
             self.full = self.n_batches * bs
         self.count += 1
         self.samples += bs
         learn.loss_grad = learn.loss_grad * (bs / self.full)
 
-    def before_step(self, learn: Learner) -> None:
-        if self.count < self.n_batches and learn.iter < self.n_iters - 1:
+    def before_step(self, learn: BaseLearner) -> None:
+        # len() of the loader now: a callback may have replaced it at before_train (lr_find).
+        if self.count < self.n_batches and learn.iter < len(learn.dl) - 1:
             raise CancelStepException()  # keep accumulating
         if self.samples != self.full:
             # Weights summed to samples / full, not 1: rescale to the group's own mean loss.
@@ -102,7 +100,7 @@ class GradAccumCB(Callback):
                         p.grad.mul_(self.full / self.samples)
         self._reset()
 
-    def after_train(self, learn: Learner) -> None:
+    def after_train(self, learn: BaseLearner) -> None:
         if self.count:
             warnings.warn(
                 f"GradAccumCB: the training phase ended with {self.count} batch(es) accumulated "
@@ -112,12 +110,12 @@ class GradAccumCB(Callback):
             )
             self._drop(learn)
 
-    def cleanup_train(self, learn: Learner) -> None:
+    def cleanup_train(self, learn: BaseLearner) -> None:
         # Cancelled or failed mid-group: never carry its gradients into the next phase.
         if self.count:
             self._drop(learn)
 
-    def _drop(self, learn: Learner) -> None:
+    def _drop(self, learn: BaseLearner) -> None:
         learn.zero_grad()
         self._reset()
 
@@ -126,8 +124,5 @@ class GradAccumCB(Callback):
         return {"count": self.count, "samples": self.samples, "full": self.full}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue the group of `state_dict()` in the next fit's first training phase."""
-        self._loaded = {k: int(state[k]) for k in _GROUP}
-
-
-_GROUP = ("count", "samples", "full")
+        """Take back the open group of `state_dict()`."""
+        self.count, self.samples, self.full = (int(state[k]) for k in ("count", "samples", "full"))

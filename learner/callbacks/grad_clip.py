@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from learner.core import Callback, Learner
+from learner.callbacks.order import ORDERS
+from learner.checks import check_number
+from learner.core import BaseLearner, Callback
 
 __all__ = ["GradClipCB"]
 
@@ -35,18 +35,15 @@ class GradClipCB(Callback):
         >>> learn.grad_clip.total_norm
     """
 
-    order = 15
+    order = ORDERS["GradClipCB"]
 
     def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
-        for name, value in (("max_norm", max_norm), ("norm_type", norm_type)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"GradClipCB {name} must be a positive number, got {value!r}.")
-        if math.isinf(max_norm):
-            raise ValueError(f"GradClipCB max_norm must be finite, got {max_norm!r}.")
+        check_number("GradClipCB max_norm", max_norm, finite=True)
+        check_number("GradClipCB norm_type", norm_type)
         self.max_norm, self.norm_type = float(max_norm), float(norm_type)
         self.total_norm: torch.Tensor | None = None
 
-    def before_step(self, learn: Learner) -> None:
+    def before_step(self, learn: BaseLearner) -> None:
         self.total_norm = nn.utils.clip_grad_norm_(
             learn.model.parameters(), self.max_norm, self.norm_type
         )

@@ -3,21 +3,23 @@ no trace on the Learner, and a suggested learning rate from its loss curve."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
-import torch
 from matplotlib.figure import Figure
 
-from learner.callbacks.recorder import _new_figure, smooth
+from learner.callbacks.order import ORDERS
+from learner.callbacks.recorder import smooth
 from learner.callbacks.schedule import sched_exp, set_hyper
-from learner.core import Callback, CancelFitException, Learner
-from learner.data import DataLoaders
+from learner.checks import check_int, check_number
+from learner.core import BaseLearner, Callback, CancelFitException
 from learner.distributed import is_distributed, ranks_where
-from learner.rng import rng_state, set_rng_state
+from learner.plotting import new_figure
+from learner.snapshot import kept_state
 
 __all__ = ["MIN_POINTS", "LRFindResult", "LRFinderCB", "lr_find", "steep", "valley"]
 
@@ -123,7 +125,7 @@ class LRFindResult(NamedTuple):
     def plot(self) -> Figure:
         """The smoothed loss against the learning rate (log scale), the suggestion marked; the
         y-axis spans the curve up to its minimum, so a steep divergence does not flatten it."""
-        fig, (ax,) = _new_figure()
+        fig, (ax,) = new_figure()
         pts = [(lr, s) for lr, s in zip(self.lrs, self.smoothed) if math.isfinite(s)]
         if pts:
             ax.plot(*zip(*pts), label="smoothed loss")
@@ -150,19 +152,23 @@ class LRFinderCB(Callback):
     """Raises the learning rate exponentially from `start_lr` to `end_lr` over `num_it` batches.
 
     Batch `i` trains at `start_lr * (end_lr / start_lr) ** (i / (num_it - 1))`, set in every
-    param group at `before_batch`. After each batch it records the lr and the loss in `lrs` and
-    `losses`, and ends the fit with `CancelFitException` after `num_it` batches, at a non-finite
-    loss, or when the smoothed loss exceeds `stop_factor` times its minimum. Use it through
-    `lr_find`, which also undoes the run.
+    param group at `before_batch`. With `repeat` (as `lr_find` uses it), at `before_train` it
+    makes the training loader repeat (a new pass over it, a new shuffle, when it runs out) up to
+    `num_it` batches, so the run is a single training phase: no epoch ends, no callback acts on
+    one. After each batch it records the lr
+    and the loss in `lrs` and `losses`, and ends the fit with `CancelFitException` after
+    `num_it` batches, at a non-finite loss, or when the smoothed loss exceeds `stop_factor`
+    times its minimum. Use it through `lr_find`, which also undoes the run.
 
-    Events: `before_fit`, `before_batch`, `after_batch`. Order: 90 (its learning rate wins over
+    Events: `before_fit`, `before_train`, `before_batch`, `after_batch`. Order: 90 (its
+    learning rate wins over
     any scheduler's; it stops the fit after every other callback has seen the batch).
 
     Example:
         >>> finder = LRFinderCB(num_it=50)  # usually: learn.lr_find(num_it=50)
     """
 
-    order = 90
+    order = ORDERS["LRFinderCB"]
     beta = 0.98  # the smoothing of `learner.callbacks.recorder.smooth`
 
     def __init__(
@@ -171,28 +177,31 @@ class LRFinderCB(Callback):
         end_lr: float = 10.0,
         num_it: int = 100,
         stop_factor: float | None = 4.0,
+        repeat: bool = False,
     ) -> None:
-        for name, lr in (("start_lr", start_lr), ("end_lr", end_lr)):
-            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-                raise ValueError(f"{name} must be a positive number, got {lr!r}.")
+        check_number("start_lr", start_lr)
+        check_number("end_lr", end_lr)
         if not end_lr > start_lr:
             raise ValueError(f"end_lr ({end_lr}) must be larger than start_lr ({start_lr}).")
-        if isinstance(num_it, bool) or not isinstance(num_it, int) or num_it < 2:
-            raise ValueError(f"num_it must be an int >= 2, got {num_it!r}.")
+        check_int("num_it", num_it, 2)
         if stop_factor is not None and not stop_factor > 1:
             raise ValueError(f"stop_factor must be > 1 (or None), got {stop_factor!r}.")
         self.start_lr, self.end_lr, self.num_it = start_lr, end_lr, num_it
-        self.stop_factor = stop_factor
+        self.stop_factor, self.repeat = stop_factor, repeat
         self.sched = sched_exp(start_lr, end_lr)
         self.lrs: list[float] = []
         self.losses: list[float] = []
         self.lr, self.avg, self.best = start_lr, 0.0, math.inf
 
-    def before_fit(self, learn: Learner) -> None:
+    def before_fit(self, learn: BaseLearner) -> None:
         self.lrs, self.losses = [], []
         self.lr, self.avg, self.best = self.start_lr, 0.0, math.inf
 
-    def before_batch(self, learn: Learner) -> None:
+    def before_train(self, learn: BaseLearner) -> None:
+        if self.repeat:
+            learn.dl = _Repeat(learn.dl, self.num_it)
+
+    def before_batch(self, learn: BaseLearner) -> None:
         if not learn.training:
             return
         assert learn.opt is not None
@@ -200,7 +209,7 @@ class LRFinderCB(Callback):
         for group in learn.opt.param_groups:
             set_hyper(group, "lr", self.lr)
 
-    def after_batch(self, learn: Learner) -> None:
+    def after_batch(self, learn: BaseLearner) -> None:
         if not learn.training:
             return
         loss = learn.loss.item()
@@ -246,7 +255,7 @@ class _Repeat:
 
 
 def lr_find(
-    learn: Learner,
+    learn: BaseLearner,
     start_lr: float = 1e-7,
     end_lr: float = 10.0,
     num_it: int = 100,
@@ -255,19 +264,26 @@ def lr_find(
 ) -> LRFindResult:
     """Train `num_it` batches at exponentially growing learning rates, then undo everything.
 
-    The run trains on `dls.train` only (passing over it again as often as needed), with every
-    callback of the learner, and stops early at a non-finite loss or when the smoothed loss
-    exceeds `stop_factor` times its minimum (see `LRFinderCB`). The suggestion is
-    `suggest(lrs, smoothed_losses)` with the first 10% of the points left out (the smoothing is
-    still settling there); `valley` by default, or `steep`, or any such function.
+    The sweep trains on `dls.train` only (passing over it again as often as needed), and stops
+    early at a non-finite loss or when the smoothed loss exceeds `stop_factor` times its minimum
+    (see `LRFinderCB`). The suggestion is `suggest(lrs, smoothed_losses)` with the first 10% of
+    the points left out (the smoothing is still settling there); `valley` by default, or
+    `steep`, or any such function.
 
-    It leaves no trace: afterwards the model's parameters, gradients and buffers, every
-    submodule's train/eval flag, the optimizer (its state, or its absence, so that the first
-    `fit` still creates a fresh one), every callback's attributes, the Learner's attributes, the
-    Python, NumPy and torch (CPU, CUDA, MPS) random states and the data loaders' generators are
-    as before, also when the run is interrupted by an exception or Ctrl-C. So two calls give
-    the same curve, and `lr_find(); fit(n)` trains exactly as `fit(n)` would. Callback
-    attributes that cannot be deep-copied (an open file) are put back as the same object.
+    It leaves no trace, by design:
+
+    - The sweep runs on copies of the learner's callbacks that take part in it (those with
+      `in_lr_find`, True by default: device placement, train/eval modes, mixed precision,
+      clipping, accumulation, your own training-step callbacks). The recorder, the metrics, the
+      schedulers, the trackers, the loggers and `CheckpointCB` sit it out: no file is written,
+      and the callbacks and metric objects you handed in are the same objects afterwards,
+      unchanged.
+    - The model's parameters, buffers and gradients, every submodule's train/eval flag, the
+      optimizer's state (or its absence, so that the first `fit` still creates a fresh one),
+      the loop's state, the Python, NumPy and torch random states and the loaders' generators
+      are put back (`learner.snapshot.kept_state`), also after an exception or Ctrl-C.
+
+    So two calls give the same curve, and `lr_find(); fit(n)` trains exactly as `fit(n)` would.
 
     Args:
         learn: the Learner.
@@ -283,84 +299,26 @@ def lr_find(
         >>> learn.lr_find().plot().savefig("lr_find.png")
         >>> learn.fit_one_cycle(3, lr_max=suggestion)
     """
-    finder = LRFinderCB(start_lr, end_lr, num_it, stop_factor)
+    finder = LRFinderCB(start_lr, end_lr, num_it, stop_factor, repeat=True)
     if not callable(suggest):
         raise TypeError(f"suggest must be a function f(lrs, losses), got {suggest!r}.")
-    restore = _preserve(learn)
-    try:
-        learn.dls = _with_train(learn.dls, _Repeat(learn.dls.train, num_it))
-        learn.fit(1, cbs=[finder], valid=False)
-    finally:
-        restore()
+    # Objects the callbacks share with the learner are kept, not copied, in the copies.
+    memo = {id(o): o for o in (learn, learn.dls, learn.opt, *learn.model.modules())}
+    memo.update({id(t): t for t in [*learn.model.parameters(), *learn.model.buffers()]})
+    copies = [_copy(cb, memo) for cb in learn.cbs if cb.in_lr_find]
+    with kept_state(learn, rng=True, weights=True, opt=True), learn.removed_cbs(learn.cbs):
+        learn.fit(1, cbs=[*copies, finder], valid=False)
     lrs, losses = finder.lrs, finder.losses
     skip = len(losses) // 10
     suggestion = suggest(lrs[skip:], smooth(losses)[skip:])
     return LRFindResult(lrs, losses, suggestion)
 
 
-def _with_train(dls: Any, train: Any) -> Any:
-    # A copy, so attributes callbacks may read (dls.valid, a vocab) stay where they are.
-    new = copy.copy(dls)
-    try:
-        new.train = train
-    except AttributeError:  # a read-only .train
-        return DataLoaders(train, getattr(dls, "valid", None))
+def _copy(cb: Callback, memo: dict[int, Any]) -> Callback:
+    """A copy of `cb` for the sweep: its attributes deep-copied (those that cannot be, such as an
+    open file, shared), so that whatever the sweep does to it, `cb` itself is untouched."""
+    new, memo = copy.copy(cb), dict(memo)
+    for name, value in vars(cb).items():
+        with contextlib.suppress(Exception):  # not copyable (an open file, a lock): shared
+            setattr(new, name, copy.deepcopy(value, memo))
     return new
-
-
-# -- leaving no trace ---------------------------------------------------------------------------
-
-
-def _preserve(learn: Learner) -> Callable[[], None]:
-    """Snapshot what a training run changes; return a function that puts it all back."""
-    model, opt, cbs = learn.model, learn.opt, list(learn.cbs)
-    attrs = dict(vars(learn))
-    # Per module and name: moving a model (`.to(device)`) puts new tensor objects in for buffers.
-    tensors = [
-        (m, name, t, t.detach().clone())
-        for m in model.modules()
-        for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
-    ]
-    grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
-    flags = [(m, m.training) for m in model.modules()]
-    opt_state = copy.deepcopy(opt.state_dict()) if opt is not None else None
-    # Objects callbacks share with the Learner are kept, not copied, in the callbacks' snapshots.
-    shared: list[Any] = [learn, learn.dls, opt, *model.modules(), *(t[2] for t in tensors), *cbs]
-    memo = {id(o): o for o in shared}
-    cb_states = [(cb, _copy_attrs(cb, memo)) for cb in cbs if hasattr(cb, "__dict__")]
-    rng = rng_state(learn.dls)
-
-    def restore() -> None:
-        with torch.no_grad():
-            for m, name, t, saved in tensors:
-                if t.device == saved.device and t.dtype == saved.dtype:
-                    t.copy_(saved)
-                else:  # moved or cast during the run (DeviceCB moves the model): move it back
-                    t.data = saved
-                if getattr(m, name) is not t:
-                    setattr(m, name, t)
-        for p, grad in grads:
-            p.grad = grad
-        for m, training in flags:
-            m.training = training
-        if opt is not None and opt_state is not None:
-            opt.load_state_dict(opt_state)  # after the parameters: it casts state to their device
-        for cb, state in cb_states:
-            vars(cb).clear()
-            vars(cb).update(state)
-        vars(learn).clear()
-        vars(learn).update(attrs)
-        learn.cbs[:] = cbs
-        set_rng_state(learn.dls, rng)  # learn.dls is the original again
-
-    return restore
-
-
-def _copy_attrs(obj: Any, memo: dict[int, Any]) -> dict[str, Any]:
-    state = {}
-    for name, value in vars(obj).items():
-        try:
-            state[name] = copy.deepcopy(value, memo)
-        except Exception:  # not copyable (an open file, a lock): put back as the same object
-            state[name] = value
-    return state

@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 
-from learner.core import Callback, Learner, _snake
+from learner.callbacks.order import ORDERS
+from learner.core import BaseLearner, Callback
 from learner.distributed import all_reduce_sum, is_distributed
+from learner.utils import batch_size, model_device, snake
 
 __all__ = ["MetricsCB", "accuracy", "epoch_summary"]
 
@@ -32,15 +34,7 @@ def _metric_name(metric: Any) -> str:
     if isinstance(metric, functools.partial):
         metric = metric.func
     name = getattr(metric, "__name__", None)
-    return name if isinstance(name, str) else _snake(type(metric).__name__)
-
-
-def _batch_size(batch: Any) -> int:
-    try:
-        return int(batch[1].shape[0])  # the usual (x, y) batch of tensors
-    except (AttributeError, IndexError, TypeError):
-        targets = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else batch[0]
-        return len(targets)
+    return name if isinstance(name, str) else snake(type(metric).__name__)
 
 
 def _stateful_compute(metric: Any) -> Any:
@@ -80,8 +74,9 @@ class MetricsCB(Callback):
     `epoch_summary()` the epoch's row: `train_loss`, `valid_loss` and each metric.
 
     `state_dict()` holds `values` and, during a training phase, its accumulators (per-batch
-    sizes and values, and the state of stateful metrics that have a `state_dict`); loaded before
-    a fit, the accumulators are continued by that fit's first training phase (a resumed epoch).
+    sizes and values, and the state of stateful metrics that have a `state_dict`); a fit resumed
+    mid-epoch (`learn.start_iter > 0`) goes on accumulating them in its first training phase.
+    `lr_find` runs without it, so the metric objects you passed are not touched by the sweep.
 
     Events: `before_fit`, `before_epoch`, `before_train`, `before_validate`, `after_batch`,
     `after_train`, `after_validate`, `cleanup_train`, `cleanup_validate`. Order: -10.
@@ -92,7 +87,8 @@ class MetricsCB(Callback):
         >>> Learner(model, dls, F.cross_entropy, cbs=cbs).fit(1)
     """
 
-    order = -10
+    order = ORDERS["MetricsCB"]
+    in_lr_find = False
 
     def __init__(self, *metrics: Any, **named_metrics: Any) -> None:
         self.metrics: dict[str, Any] = {}
@@ -111,37 +107,37 @@ class MetricsCB(Callback):
             self.metrics[name] = metric
         self.values: dict[str, dict[str, Any]] = {}
         self.phase: str | None = None  # "train" or "valid" while one runs
+        self.metrics_on_train = False
+        self.device = torch.device("cpu")
         self._reset(with_metrics=False)
-        self._loaded: dict[str, Any] | None = None
 
-    def before_fit(self, learn: Learner) -> None:
+    def before_fit(self, learn: BaseLearner) -> None:
         valid = getattr(learn.dls, "valid", None)
         self.metrics_on_train = not (learn.run_valid and valid is not None)
         self._kinds = [(name, m, _is_stateful(m)) for name, m in self.metrics.items()]
-        param = next(learn.model.parameters(), None)
-        self.device = param.device if param is not None else torch.device("cpu")
+        self.device = model_device(learn.model)
         for m in self.metrics.values():
             if _is_stateful(m) and callable(getattr(m, "to", None)):
                 m.to(self.device)
 
-    def before_epoch(self, learn: Learner) -> None:
+    def before_epoch(self, learn: BaseLearner) -> None:
         self.values = {}
 
-    def before_train(self, learn: Learner) -> None:
-        self._reset(with_metrics=self.metrics_on_train)
+    def before_train(self, learn: BaseLearner) -> None:
+        if learn.start_iter:  # resuming mid-epoch: the loaded accumulators go on
+            self.with_metrics = self.metrics_on_train
+        else:
+            self._reset(with_metrics=self.metrics_on_train)
         self.phase = "train"
-        if self._loaded is not None:  # resuming mid-epoch: go on accumulating the saved phase
-            self._load_phase(self._loaded)
-            self._loaded = None
 
-    def before_validate(self, learn: Learner) -> None:
+    def before_validate(self, learn: BaseLearner) -> None:
         self._reset(with_metrics=True)
         self.phase = "valid"
 
-    def cleanup_train(self, learn: Learner) -> None:
+    def cleanup_train(self, learn: BaseLearner) -> None:
         self.phase = None
 
-    def cleanup_validate(self, learn: Learner) -> None:
+    def cleanup_validate(self, learn: BaseLearner) -> None:
         self.phase = None
 
     def _reset(self, with_metrics: bool) -> None:
@@ -163,8 +159,8 @@ class MetricsCB(Callback):
         """Samples seen in the current phase."""
         return sum(self.counts)
 
-    def after_batch(self, learn: Learner) -> None:
-        self.counts.append(_batch_size(learn.batch))
+    def after_batch(self, learn: BaseLearner) -> None:
+        self.counts.append(batch_size(learn.batch))
         loss = learn.loss  # a training loss is detached by the Learner once the step is done
         self.batch_values["loss"].append(loss.detach() if loss.requires_grad else loss)
         if not self.with_metrics:
@@ -213,10 +209,10 @@ class MetricsCB(Callback):
                     out[name] = _to_python(_stateful_compute(m))
         return {name: out[name] for name in names}
 
-    def after_train(self, learn: Learner) -> None:
+    def after_train(self, learn: BaseLearner) -> None:
         self.values["train"] = self._compute()
 
-    def after_validate(self, learn: Learner) -> None:
+    def after_validate(self, learn: BaseLearner) -> None:
         self.values["valid"] = self._compute()
 
     def state_dict(self) -> dict[str, Any]:
@@ -238,18 +234,21 @@ class MetricsCB(Callback):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take `values`; saved accumulators are continued by the next training phase."""
+        """Take `values` and the accumulators of a training phase, onto the model's device."""
         self.values = {k: dict(v) for k, v in state["values"].items()}
-        self._loaded = state.get("train")
-
-    def _load_phase(self, phase: dict[str, Any]) -> None:
+        phase = state.get("train")
+        if phase is None:
+            return
         self.counts = list(phase["counts"])
-        device = getattr(self, "device", torch.device("cpu"))
-        for name in self.batch_values:
-            self.batch_values[name] = list(phase["batch_values"][name].to(device).unbind())
+        self.batch_values = {
+            name: list(values.to(self.device).unbind())
+            for name, values in phase["batch_values"].items()
+        }
         for name, m in self.metrics.items():
             if name in phase["metrics"]:
                 m.load_state_dict(phase["metrics"][name])
+                if callable(getattr(m, "to", None)):
+                    m.to(self.device)
 
     def epoch_summary(self) -> dict[str, Any]:
         """The epoch so far as one row: `train_loss`, `valid_loss` (None if not run), metrics."""
@@ -260,7 +259,7 @@ class MetricsCB(Callback):
         return row
 
 
-def epoch_summary(learn: Learner) -> dict[str, Any]:
+def epoch_summary(learn: BaseLearner) -> dict[str, Any]:
     """The current epoch's row from the learner's `MetricsCB` (empty if it has none)."""
     cb = next((c for c in learn.cbs if isinstance(c, MetricsCB)), None)
     return cb.epoch_summary() if cb is not None else {}

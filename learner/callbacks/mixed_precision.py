@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Protocol
 
 import torch
 
-from learner.core import Callback, CancelStepException, Learner
+from learner.callbacks.order import ORDERS
+from learner.core import BaseLearner, Callback, CancelStepException
+from learner.utils import model_device
 
 __all__ = ["MixedPrecisionCB"]
 
@@ -73,7 +76,7 @@ class MixedPrecisionCB(Callback):
         >>> learn.fit(1)  # bfloat16 on a CPU, float16 with a GradScaler on a GPU
     """
 
-    order = 10
+    order = ORDERS["MixedPrecisionCB"]
 
     def __init__(
         self, dtype: torch.dtype | None = None, scaler: bool | _Scaler | None = None
@@ -97,11 +100,9 @@ class MixedPrecisionCB(Callback):
         self.n_skipped = 0
         self._autocast: torch.autocast | None = None
         self._in_autocast = False
-        self._scaler_state: dict[str, Any] = {}  # loaded before the scaler exists
 
-    def before_fit(self, learn: Learner) -> None:
-        param = next(learn.model.parameters(), None)
-        self.device_type = param.device.type if param is not None else "cpu"
+    def before_fit(self, learn: BaseLearner) -> None:
+        self.device_type = model_device(learn.model).type
         if not torch.amp.is_autocast_available(self.device_type):
             raise ValueError(
                 f"torch.autocast does not support the model's device type "
@@ -114,16 +115,14 @@ class MixedPrecisionCB(Callback):
             self._want_scaler is True or (self._want_scaler is None and default)
         ):
             self.scaler = torch.amp.GradScaler(self.device_type)
-            if self._scaler_state:
-                self.scaler.load_state_dict(self._scaler_state)
         self._autocast = torch.autocast(self.device_type, dtype=self.dtype)
 
-    def before_batch(self, learn: Learner) -> None:
+    def before_batch(self, learn: BaseLearner) -> None:
         assert self._autocast is not None  # made at before_fit
         self._autocast.__enter__()
         self._in_autocast = True
 
-    def after_predict(self, learn: Learner) -> None:
+    def after_predict(self, learn: BaseLearner) -> None:
         preds = learn.preds
         if isinstance(preds, torch.Tensor) and preds.dtype in (torch.float16, torch.bfloat16):
             learn.preds = preds.float()
@@ -133,17 +132,17 @@ class MixedPrecisionCB(Callback):
             self._in_autocast = False
             self._autocast.__exit__(None, None, None)
 
-    def after_loss(self, learn: Learner) -> None:
+    def after_loss(self, learn: BaseLearner) -> None:
         self._exit_autocast()
 
-    def cleanup_batch(self, learn: Learner) -> None:
+    def cleanup_batch(self, learn: BaseLearner) -> None:
         self._exit_autocast()
 
-    def before_backward(self, learn: Learner) -> None:
+    def before_backward(self, learn: BaseLearner) -> None:
         if self.scaler is not None:
             learn.loss_grad = self.scaler.scale(learn.loss_grad)
 
-    def before_step(self, learn: Learner) -> None:
+    def before_step(self, learn: BaseLearner) -> None:
         if self.scaler is None:
             return
         assert learn.opt is not None  # training batches run only once fit made one
@@ -157,15 +156,20 @@ class MixedPrecisionCB(Callback):
             raise CancelStepException()
 
     def state_dict(self) -> dict[str, Any]:
-        """The GradScaler's state (its scale and growth tracker), for a checkpoint."""
-        state = self.scaler.state_dict() if self.scaler is not None else self._scaler_state
+        """The GradScaler's state (its scale and growth tracker) and `n_skipped`."""
+        state = self.scaler.state_dict() if self.scaler is not None else {}
         return {"scaler": state, "n_skipped": self.n_skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned, also before the scaler is created at fit."""
+        """Take back what `state_dict` returned (a resumed fit calls it once `before_fit` made
+        the scaler)."""
         self.n_skipped = state.get("n_skipped", 0)
         scaler_state = state.get("scaler") or {}
         if self.scaler is not None and scaler_state:
             self.scaler.load_state_dict(scaler_state)
-        else:
-            self._scaler_state = dict(scaler_state)
+        elif scaler_state:
+            warnings.warn(
+                "MixedPrecisionCB: the checkpoint holds a GradScaler's state, but this callback "
+                "uses no scaler (bfloat16, or scaler=False): the scale is not restored.",
+                stacklevel=2,
+            )

@@ -10,7 +10,9 @@ from fastprogress import fastprogress as fp
 from fastprogress.core import format_time
 
 from learner.callbacks.metrics import epoch_summary
-from learner.core import Callback, Learner
+from learner.callbacks.order import ORDERS
+from learner.callbacks.recorder import get_recorder
+from learner.core import BaseLearner, Callback
 from learner.distributed import is_main_process
 
 __all__ = ["ProgressCB"]
@@ -45,7 +47,7 @@ class ProgressCB(Callback):
         >>> learn.fit(3, cbs=[ProgressCB(plot=True)])
     """
 
-    order = 50
+    order = ORDERS["ProgressCB"]
 
     def __init__(
         self, plot: bool = False, update_every: float = 0.2, bars: bool | None = None
@@ -57,7 +59,7 @@ class ProgressCB(Callback):
         self.bars = self.in_notebook = False
         self.quiet = False
 
-    def before_fit(self, learn: Learner) -> None:
+    def before_fit(self, learn: BaseLearner) -> None:
         self.quiet = not is_main_process()
         self.in_notebook = bool(fp.IN_NOTEBOOK)
         wanted = self.want_bars
@@ -73,10 +75,10 @@ class ProgressCB(Callback):
         self.graph_x: list[int] = []
         self.graph_valid: list[tuple[int, float]] = []
 
-    def before_epoch(self, learn: Learner) -> None:
+    def before_epoch(self, learn: BaseLearner) -> None:
         self.epoch_start = time.time()
 
-    def _start_bar(self, learn: Learner) -> None:
+    def _start_bar(self, learn: BaseLearner) -> None:
         if not self.bars:
             return
         total = len(learn.dl) if hasattr(learn.dl, "__len__") else "noinfer"
@@ -85,13 +87,13 @@ class ProgressCB(Callback):
         self.pbar.update_every = self.update_every
         self.pbar.update(0)
 
-    def before_train(self, learn: Learner) -> None:
+    def before_train(self, learn: BaseLearner) -> None:
         self._start_bar(learn)
 
-    def before_validate(self, learn: Learner) -> None:
+    def before_validate(self, learn: BaseLearner) -> None:
         self._start_bar(learn)
 
-    def after_batch(self, learn: Learner) -> None:
+    def after_batch(self, learn: BaseLearner) -> None:
         pbar = self.pbar
         if pbar is None:
             return
@@ -110,8 +112,8 @@ class ProgressCB(Callback):
                 self._update_graph(learn)
         pbar.update(val)
 
-    def _update_graph(self, learn: Learner) -> None:
-        recorder = getattr(learn, "recorder", None)
+    def _update_graph(self, learn: BaseLearner) -> None:
+        recorder = get_recorder(learn)
         if recorder is None:
             return
         losses = recorder.losses
@@ -120,7 +122,7 @@ class ProgressCB(Callback):
             graphs.append([list(v) for v in zip(*self.graph_valid)])
         self.mbar.update_graph(graphs)
 
-    def after_epoch(self, learn: Learner) -> None:
+    def after_epoch(self, learn: BaseLearner) -> None:
         summary = epoch_summary(learn)
         row = {"epoch": learn.epoch, **summary, "time": format_time(time.time() - self.epoch_start)}
         if not learn.run_train:
@@ -130,7 +132,7 @@ class ProgressCB(Callback):
         self._write(row)
         if self.mbar is not None:
             if self.plot and self.in_notebook:
-                recorder = getattr(learn, "recorder", None)
+                recorder = get_recorder(learn)
                 if recorder is not None and summary.get("valid_loss") is not None:
                     self.graph_valid.append((len(recorder.losses), summary["valid_loss"]))
                 self._update_graph(learn)
@@ -153,7 +155,7 @@ class ProgressCB(Callback):
             widths = [max(len(n), 10) for n in self.names]
             print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip(), flush=True)
 
-    def cleanup_fit(self, learn: Learner) -> None:
+    def cleanup_fit(self, learn: BaseLearner) -> None:
         # An interrupted console bar leaves the cursor mid-line; end it so later output is clean.
         if self.pbar is not None and not self.in_notebook and self.bars:
             print(flush=True)

@@ -10,29 +10,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from learner.callbacks.metrics import epoch_summary
-from learner.core import Callback, Learner
+from learner.callbacks.order import ORDERS
+from learner.core import BaseLearner, Callback
+from learner.plotting import new_figure
 
-__all__ = ["RecorderCB", "find_recorder"]
-
-
-def _new_figure(
-    n_axes: int = 1, width: float = 6.0, height: float = 4.0, ncols: int | None = None
-) -> tuple[Figure, list[Any]]:
-    """A Figure with `n_axes` axes of `width` x `height` inches, `ncols` to a row (default all)."""
-    import matplotlib.pyplot as plt
-
-    ncols = n_axes if ncols is None else max(1, min(ncols, n_axes))
-    nrows = -(-n_axes // ncols)
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, layout="constrained"
-    )
-    # Closed figures are not auto-shown again at the end of a notebook cell (the returned
-    # Figure is displayed once), and scripts that make many plots do not pile them up.
-    plt.close(fig)
-    flat = list(axes.flat)
-    for ax in flat[n_axes:]:  # the unused end of a last, partly filled row
-        ax.remove()
-    return fig, flat[:n_axes]
+__all__ = ["RecorderCB", "find_recorder", "get_recorder", "smooth"]
 
 
 def smooth(values: list[float], beta: float = 0.98) -> list[float]:
@@ -65,7 +47,8 @@ class RecorderCB(Callback):
         >>> learn.recorder.plot_loss().savefig("loss.png")
     """
 
-    order = -5
+    order = ORDERS["RecorderCB"]
+    in_lr_find = False  # lr_find records its own curve; the run's records stay as they are
 
     def __init__(self) -> None:
         self.reset()
@@ -90,7 +73,7 @@ class RecorderCB(Callback):
             self._losses.extend(torch.stack(self._pending).float().cpu().tolist())
             self._pending = []
 
-    def after_batch(self, learn: Learner) -> None:
+    def after_batch(self, learn: BaseLearner) -> None:
         if not learn.training:
             return
         assert learn.opt is not None  # training batches run only once fit made one
@@ -98,10 +81,10 @@ class RecorderCB(Callback):
         self._pending.append(loss.detach() if loss.requires_grad else loss)
         self.lrs.append(learn.opt.param_groups[0]["lr"])
 
-    def after_train(self, learn: Learner) -> None:
+    def after_train(self, learn: BaseLearner) -> None:
         self._flush()
 
-    def after_epoch(self, learn: Learner) -> None:
+    def after_epoch(self, learn: BaseLearner) -> None:
         self._flush()
         summary = epoch_summary(learn)
         self.history.append({"epoch": len(self.history), **summary})
@@ -133,7 +116,7 @@ class RecorderCB(Callback):
             skip_start: batches to leave out at the start (the first losses dwarf the rest).
             with_valid: also plot the validation loss.
         """
-        fig, (ax,) = _new_figure()
+        fig, (ax,) = new_figure()
         losses = smooth(self.losses)
         ax.plot(range(skip_start, len(losses)), losses[skip_start:], label="train")
         valid = [
@@ -149,7 +132,7 @@ class RecorderCB(Callback):
 
     def plot_lr(self) -> Figure:
         """Learning rate at every training batch."""
-        fig, (ax,) = _new_figure()
+        fig, (ax,) = new_figure()
         ax.plot(self.lrs)
         ax.set(xlabel="batch", ylabel="learning rate")
         return fig
@@ -158,7 +141,7 @@ class RecorderCB(Callback):
         """Every value of `history` per epoch: the losses together, each metric on its own."""
         keys = [k for k in (self.history[0] if self.history else {}) if k != "epoch"]
         metric_keys = [k for k in keys if k not in ("train_loss", "valid_loss")]
-        fig, axes = _new_figure(1 + len(metric_keys), width=5.0)
+        fig, axes = new_figure(1 + len(metric_keys), width=5.0)
         epochs = [h["epoch"] for h in self.history]
         for ax, names in zip(axes, [["train_loss", "valid_loss"], *[[k] for k in metric_keys]]):
             for name in names:
@@ -175,9 +158,14 @@ def _num(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 
-def find_recorder(learn: Learner, user: str) -> RecorderCB:
+def get_recorder(learn: BaseLearner) -> RecorderCB | None:
+    """The learner's `RecorderCB` (of that class or a subclass, whatever its name), or None."""
+    return next((c for c in learn.cbs if isinstance(c, RecorderCB)), None)
+
+
+def find_recorder(learn: BaseLearner, user: str) -> RecorderCB:
     """The learner's `RecorderCB`, or a clear error naming `user`, which needs it."""
-    recorder = next((c for c in learn.cbs if isinstance(c, RecorderCB)), None)
+    recorder = get_recorder(learn)
     if recorder is None:
         raise ValueError(
             f"{user} reads learn.recorder: add a RecorderCB() to the learner's callbacks "

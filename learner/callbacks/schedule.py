@@ -9,8 +9,10 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
+from learner.callbacks.order import ORDERS
 from learner.callbacks.tracker import Monitor
-from learner.core import Callback, Learner
+from learner.checks import check_number
+from learner.core import BaseLearner, Callback, as_cbs
 
 __all__ = [
     "LRSchedulerCB",
@@ -161,7 +163,7 @@ def _check_hypers(opt: torch.optim.Optimizer, names: Iterable[str], owner: str) 
                 )
 
 
-def _n_train_batches(learn: Learner, owner: str) -> int:
+def _n_train_batches(learn: BaseLearner, owner: str) -> int:
     dl = learn.dls.train
     if not hasattr(dl, "__len__"):
         raise ValueError(
@@ -189,8 +191,8 @@ class ParamSchedulerCB(Callback):
     the schedule, and the schedule still ends where it should. `learn.lr` is left alone: it is
     the base learning rate a fit starts from; the recorder's `lrs` shows the schedule.
 
-    `state_dict()` / `load_state_dict()` hold the position and length of the run: loading a
-    state before `fit` makes that fit continue the saved schedule instead of starting over.
+    `state_dict()` / `load_state_dict()` hold the position and length of the run, so a fit
+    resumed from a checkpoint (`fit(resume_from=...)`) continues the saved schedule.
 
     Events: `before_fit`, `before_batch`, `after_step`. Order: 10 (before `lr_find`'s finder,
     which overrides the learning rate).
@@ -204,7 +206,8 @@ class ParamSchedulerCB(Callback):
         >>> learn.recorder.plot_lr()
     """
 
-    order = 10
+    order = ORDERS["ParamSchedulerCB"]
+    in_lr_find = False  # the finder sets the learning rate
 
     def __init__(self, scheds: Mapping[str, Schedule]) -> None:
         if not isinstance(scheds, Mapping) or not scheds:
@@ -219,19 +222,16 @@ class ParamSchedulerCB(Callback):
                 )
         self.scheds = dict(scheds)
         self.pos, self.total, self.since_step = 0, 0, 0
-        self._resume = False
 
-    def before_fit(self, learn: Learner) -> None:
+    def before_fit(self, learn: BaseLearner) -> None:
         if not learn.run_train:
             return
         assert learn.opt is not None  # fit creates the optimizer before a training run
         _check_hypers(learn.opt, self.scheds, type(self).__name__)
         total = learn.n_epochs * _n_train_batches(learn, type(self).__name__)
-        if not self._resume:
-            self.pos, self.total, self.since_step = 0, total, 0
-        self._resume = False
+        self.pos, self.total, self.since_step = 0, total, 0
 
-    def before_batch(self, learn: Learner) -> None:
+    def before_batch(self, learn: BaseLearner) -> None:
         if not learn.training:
             return
         assert learn.opt is not None
@@ -242,7 +242,7 @@ class ParamSchedulerCB(Callback):
                 set_hyper(group, name, value)
         self.since_step += 1
 
-    def after_step(self, learn: Learner) -> None:
+    def after_step(self, learn: BaseLearner) -> None:
         self.pos += self.since_step
         self.since_step = 0
 
@@ -252,9 +252,9 @@ class ParamSchedulerCB(Callback):
         return {"pos": self.pos, "total": self.total, "since_step": self.since_step}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Continue from `state` (from `state_dict()`) at the next `fit`."""
+        """Continue from `state` (from `state_dict()`)."""
         self.pos, self.total = int(state["pos"]), int(state["total"])
-        self.since_step, self._resume = int(state.get("since_step", 0)), True
+        self.since_step = int(state.get("since_step", 0))
 
 
 class LRSchedulerCB(Callback):
@@ -269,8 +269,8 @@ class LRSchedulerCB(Callback):
     - `interval="epoch"`: one `scheduler.step()` after each epoch in which the optimizer stepped.
       `ReduceLROnPlateau` steps per epoch on `monitor`, a key of `learn.recorder.history`.
 
-    `state_dict()` / `load_state_dict()` wrap the scheduler's own; a state loaded before a
-    factory has built the scheduler is applied when it does.
+    `state_dict()` / `load_state_dict()` wrap the scheduler's own; a resumed fit loads it once
+    `before_fit` has built the scheduler.
 
     Events: `before_fit`, `after_step`, `cleanup_batch`, `after_epoch`. Order: 10 (after the
     recorder, which `ReduceLROnPlateau`'s monitor reads at `after_epoch`).
@@ -286,7 +286,8 @@ class LRSchedulerCB(Callback):
         >>> learn.fit(3, cbs=[LRSchedulerCB(sched)])
     """
 
-    order = 10
+    order = ORDERS["LRSchedulerCB"]
+    in_lr_find = False  # the finder sets the learning rate
 
     def __init__(
         self,
@@ -311,9 +312,8 @@ class LRSchedulerCB(Callback):
         self.interval = interval
         self.monitor = Monitor(monitor, "min")  # ReduceLROnPlateau has its own mode
         self.pending, self.stepped = 0, False
-        self._state: dict[str, Any] | None = None
 
-    def before_fit(self, learn: Learner) -> None:
+    def before_fit(self, learn: BaseLearner) -> None:
         self.pending, self.stepped = 0, False
         if learn.opt is None:  # a fit without training, before any: nothing to schedule
             return
@@ -337,21 +337,18 @@ class LRSchedulerCB(Callback):
                     "ReduceLROnPlateau steps on an epoch's metric: pass interval='epoch'."
                 )
             self.monitor.check(learn, type(self).__name__)
-        if self._state is not None:
-            self._load(self._state)
-            self._state = None
 
-    def after_step(self, learn: Learner) -> None:
+    def after_step(self, learn: BaseLearner) -> None:
         self.pending += 1
         self.stepped = True
 
-    def cleanup_batch(self, learn: Learner) -> None:
+    def cleanup_batch(self, learn: BaseLearner) -> None:
         if self.interval == "batch" and self.scheduler is not None:
             for _ in range(self.pending):
                 self.scheduler.step()
         self.pending = 0
 
-    def after_epoch(self, learn: Learner) -> None:
+    def after_epoch(self, learn: BaseLearner) -> None:
         if self.interval != "epoch" or not self.stepped or self.scheduler is None:
             return
         self.stepped = False
@@ -363,21 +360,17 @@ class LRSchedulerCB(Callback):
             self.scheduler.step()
 
     def state_dict(self) -> dict[str, Any]:
-        """The scheduler's `state_dict()` (or a loaded one not yet applied)."""
-        if self.scheduler is None:
-            return dict(self._state or {})
-        return self.scheduler.state_dict()
+        """The scheduler's `state_dict()` ({} before a factory built it)."""
+        return {} if self.scheduler is None else self.scheduler.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the scheduler now, or, with a factory, when the next fit builds it."""
-        if self.factory is None and self.scheduler is not None:
-            self._load(dict(state))
-        else:
-            self._state = dict(state)
-
-    def _load(self, state: dict[str, Any]) -> None:
-        assert self.scheduler is not None
-        self.scheduler.load_state_dict(state)
+        """Restore the scheduler (a resumed fit calls it once `before_fit` built it)."""
+        if self.scheduler is None:
+            raise ValueError(
+                "LRSchedulerCB.load_state_dict: no scheduler yet (a factory builds it at "
+                "before_fit); resume with fit(resume_from=...), which loads it after."
+            )
+        self.scheduler.load_state_dict(dict(state))
         # A scheduler sets the lr when it steps; one just built (by the factory) has set the lr of
         # step 0, so put back the lr of the step it resumes from.
         for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
@@ -385,14 +378,14 @@ class LRSchedulerCB(Callback):
 
 
 def fit_one_cycle(
-    learn: Learner,
+    learn: BaseLearner,
     n_epochs: int,
     lr_max: float | None = None,
     div: float = 25.0,
     div_final: float = 1e5,
     pct_start: float = 0.25,
     moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
-    cbs: Iterable[Callback] | None = None,
+    cbs: Callback | Iterable[Callback] | None = None,
 ) -> None:
     """Train with the one-cycle policy (Smith 2018), as fastai's `fit_one_cycle`.
 
@@ -418,8 +411,7 @@ def fit_one_cycle(
         >>> learn.recorder.plot_lr()
     """
     lr_max = learn.lr if lr_max is None else lr_max
-    if isinstance(lr_max, bool) or not isinstance(lr_max, (int, float)) or not lr_max > 0:
-        raise ValueError(f"lr_max must be a positive number, got {lr_max!r}.")
+    check_number("lr_max", lr_max)
     if not 0 <= pct_start <= 1:
         raise ValueError(f"pct_start must be between 0 and 1, got {pct_start!r}.")
     if not (div > 0 and div_final > 0):
@@ -429,4 +421,4 @@ def fit_one_cycle(
         if len(moms) != 3:
             raise ValueError(f"moms must be (start, middle, end), got {moms!r}.")
         scheds["mom"] = combined_cos(pct_start, *moms)
-    learn.fit(n_epochs, lr=lr_max, cbs=[ParamSchedulerCB(scheds), *(cbs or ())])
+    learn.fit(n_epochs, lr=lr_max, cbs=[ParamSchedulerCB(scheds), *as_cbs(cbs)])

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from learner.callbacks.order import ORDERS
 from learner.callbacks.recorder import RecorderCB, find_recorder
-from learner.core import Callback, Learner
+from learner.checks import check_int
+from learner.core import BaseLearner, Callback
 from learner.distributed import is_main_process
 
 __all__ = ["TensorBoardCB"]
@@ -44,37 +46,40 @@ class TensorBoardCB(Callback):
         log_every: also write the batch values every this many training batches; None: only at
             the end of each epoch.
 
-    Events: `before_fit`, `after_batch`, `after_epoch`, `cleanup_fit`. Order: -4 (just after
-    RecorderCB, whose values it writes).
+    Events: `before_fit`, `before_epoch`, `after_batch`, `after_epoch`, `cleanup_fit`.
+    Order: -4 (just after RecorderCB, whose values it writes).
 
     Example:
         >>> learn.fit(3, cbs=[TensorBoardCB("runs/mnist")])
         >>> # then: tensorboard --logdir runs
     """
 
-    order = -4
+    order = ORDERS["TensorBoardCB"]
+    in_lr_find = False
 
     def __init__(
         self, log_dir: str | os.PathLike[str] | None = None, log_every: int | None = None
     ) -> None:
         self._writer_cls = _summary_writer_class()  # fail now, not at the end of an epoch
-        if log_every is not None and (
-            isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1
-        ):
-            raise ValueError(f"log_every must be None or an int >= 1, got {log_every!r}.")
+        check_int("log_every", log_every, 1, optional=True)
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.log_every = log_every
         self.writer: Any = None
         self.recorder: RecorderCB | None = None
         self.n_batches = self.n_epochs = 0  # batches and history rows of the recorder written
 
-    def before_fit(self, learn: Learner) -> None:
+    def before_fit(self, learn: BaseLearner) -> None:
         self.recorder = find_recorder(learn, "TensorBoardCB")
-        self.n_batches, self.n_epochs = len(self.recorder.lrs), len(self.recorder.history)
         if is_main_process():
             self.writer = self._writer_cls(log_dir=self.log_dir)
 
-    def after_batch(self, learn: Learner) -> None:
+    def before_epoch(self, learn: BaseLearner) -> None:
+        # What the recorder holds when the fit's first epoch starts (a resumed fit loads it after
+        # before_fit) was written before: go on after it.
+        if learn.epoch == learn.start_epoch and self.recorder is not None:
+            self.n_batches, self.n_epochs = len(self.recorder.lrs), len(self.recorder.history)
+
+    def after_batch(self, learn: BaseLearner) -> None:
         rec, every = self.recorder, self.log_every
         if not (every and learn.training and self.writer is not None and rec is not None):
             return
@@ -89,7 +94,7 @@ class TensorBoardCB(Callback):
             self.writer.add_scalar("train/lr", rec.lrs[step], step)
         self.n_batches = len(losses)
 
-    def after_epoch(self, learn: Learner) -> None:
+    def after_epoch(self, learn: BaseLearner) -> None:
         rec = self.recorder
         if self.writer is None or rec is None:
             return
@@ -102,7 +107,7 @@ class TensorBoardCB(Callback):
         self.n_epochs = len(rec.history)
         self.writer.flush()
 
-    def cleanup_fit(self, learn: Learner) -> None:
+    def cleanup_fit(self, learn: BaseLearner) -> None:
         if self.writer is not None:
             self.writer.close()
         self.writer = None

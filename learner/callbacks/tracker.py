@@ -10,8 +10,10 @@ from typing import Any
 import torch
 
 from learner.callbacks.metrics import epoch_summary
-from learner.callbacks.recorder import RecorderCB
-from learner.core import Callback, CancelFitException, Learner
+from learner.callbacks.order import ORDERS
+from learner.callbacks.recorder import get_recorder
+from learner.checks import check_int, check_number
+from learner.core import BaseLearner, Callback, CancelFitException
 from learner.distributed import is_distributed, is_main_process, ranks_where
 from learner.io import atomic_save
 
@@ -45,8 +47,7 @@ class Monitor:
                 f"mode must be 'min' (lower is better, e.g. a loss) or 'max' (e.g. accuracy), "
                 f"got {mode!r}."
             )
-        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or min_delta < 0:
-            raise ValueError(f"min_delta must be a number >= 0, got {min_delta!r}.")
+        check_number("min_delta", min_delta, positive=False)
         self.name, self.mode, self.min_delta = monitor, mode, float(min_delta)
 
     @property
@@ -60,9 +61,9 @@ class Monitor:
             return value < best - self.min_delta
         return value > best + self.min_delta
 
-    def check(self, learn: Learner, owner: str) -> None:
+    def check(self, learn: BaseLearner, owner: str) -> None:
         """Raise a clear error if the value cannot be read during this fit."""
-        recorder = _recorder(learn)
+        recorder = get_recorder(learn)
         if recorder is None:
             raise ValueError(
                 f"{owner} monitors {self.name!r} in learn.recorder.history, but the learner has "
@@ -82,9 +83,9 @@ class Monitor:
                 "'train_loss', or give dls a .valid loader."
             )
 
-    def value(self, learn: Learner) -> float | None:
+    def value(self, learn: BaseLearner) -> float | None:
         """The latest epoch's value; None if it was not computed (e.g. validation did not run)."""
-        recorder = _recorder(learn)
+        recorder = get_recorder(learn)
         row = recorder.history[-1] if recorder is not None and recorder.history else {}
         value = row.get(self.name)
         if value is None:
@@ -97,10 +98,6 @@ class Monitor:
         return float(value)
 
 
-def _recorder(learn: Learner) -> RecorderCB | None:
-    return next((c for c in learn.cbs if isinstance(c, RecorderCB)), None)
-
-
 class EarlyStoppingCB(Callback):
     """Stops training when a monitored value has not improved for `patience` epochs.
 
@@ -109,8 +106,8 @@ class EarlyStoppingCB(Callback):
     it reaches `patience` the fit ends with `CancelFitException` (the epoch's row is complete
     and shown, and every `cleanup_*` runs). The reason is printed and kept in `reason`, the
     epoch in `stopped_epoch` (None if training ran to the end). The best value so far is `best`,
-    from epoch `best_epoch`. Each `fit` starts afresh, unless a state was loaded before it
-    (`load_state_dict`, as `fit(resume_from=...)` does): then it goes on counting.
+    from epoch `best_epoch`. Each `fit` starts afresh; a fit resumed from a checkpoint
+    (`fit(resume_from=...)`) goes on counting from the saved state.
 
     Events: `before_fit`, `after_epoch`. Order: 60 (after the recorder and the progress table
     have the epoch, and after `SaveBestCB` has saved it).
@@ -126,7 +123,8 @@ class EarlyStoppingCB(Callback):
         >>> learn.early_stopping.reason  # while the callback is in learn.cbs
     """
 
-    order = 60
+    order = ORDERS["EarlyStoppingCB"]
+    in_lr_find = False
 
     def __init__(
         self,
@@ -135,31 +133,28 @@ class EarlyStoppingCB(Callback):
         patience: int = 3,
         min_delta: float = 0.0,
     ) -> None:
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise ValueError(f"patience must be an int >= 0, got {patience!r}.")
+        check_int("patience", patience, 0)
         self.monitor = Monitor(monitor, mode, min_delta)
         self.patience = patience
         self.best, self.best_epoch, self.wait = self.monitor.worst, -1, 0
         self.stopped_epoch: int | None = None
         self.reason: str | None = None
-        self._resume = False
 
-    def before_fit(self, learn: Learner) -> None:
+    def before_fit(self, learn: BaseLearner) -> None:
         self.monitor.check(learn, type(self).__name__)
-        if not self._resume:
-            self.best, self.best_epoch, self.wait = self.monitor.worst, -1, 0
-        self.stopped_epoch, self.reason, self._resume = None, None, False
+        self.best, self.best_epoch, self.wait = self.monitor.worst, -1, 0
+        self.stopped_epoch, self.reason = None, None
 
     def state_dict(self) -> dict[str, Any]:
         """`best`, `best_epoch` and `wait` (epochs without improvement)."""
         return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Go on from `state` (from `state_dict()`) in the next fit."""
+        """Go on from `state` (from `state_dict()`): a resumed fit goes on counting."""
         self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
-        self.wait, self._resume = int(state["wait"]), True
+        self.wait = int(state["wait"])
 
-    def after_epoch(self, learn: Learner) -> None:
+    def after_epoch(self, learn: BaseLearner) -> None:
         value = self.monitor.value(learn)
         if value is None:
             return
@@ -193,8 +188,8 @@ class SaveBestCB(Callback):
     leaves the previous best intact. With `load_best=True`, the best weights are loaded into the
     model when the fit ends: normally, stopped early (`EarlyStoppingCB`, `TerminateOnNaNCB`), or
     interrupted; not when no epoch was saved in this fit. `best` and `best_epoch` say what was
-    kept. Each `fit` starts afresh, overwriting `path`, unless a state was loaded before it
-    (`load_state_dict`, as `fit(resume_from=...)` does): then it goes on from the saved best.
+    kept. Each `fit` starts afresh, overwriting `path`; a fit resumed from a checkpoint
+    (`fit(resume_from=...)`) goes on from the saved best.
 
     The file holds only tensors: load it elsewhere with
     `model.load_state_dict(torch.load(path, weights_only=True))`.
@@ -215,7 +210,8 @@ class SaveBestCB(Callback):
         >>> learn.fit(50, cbs=cbs)
     """
 
-    order = 55
+    order = ORDERS["SaveBestCB"]
+    in_lr_find = False
 
     def __init__(
         self,
@@ -229,33 +225,26 @@ class SaveBestCB(Callback):
         self.monitor = Monitor(monitor, mode, min_delta)
         self.load_best = load_best
         self.best, self.best_epoch = self.monitor.worst, -1
-        self._resume = False
 
-    def before_fit(self, learn: Learner) -> None:
+    def before_fit(self, learn: BaseLearner) -> None:
         self.monitor.check(learn, type(self).__name__)
-        if not self._resume:
-            self.best, self.best_epoch = self.monitor.worst, -1
-        self._resume = False
+        self.best, self.best_epoch = self.monitor.worst, -1
 
     def state_dict(self) -> dict[str, Any]:
         """`best` and `best_epoch`."""
         return {"best": self.best, "best_epoch": self.best_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Go on from `state` (from `state_dict()`) in the next fit."""
-        self.best, self.best_epoch, self._resume = (
-            float(state["best"]),
-            int(state["best_epoch"]),
-            True,
-        )
+        """Go on from `state` (from `state_dict()`): a resumed fit keeps the saved best."""
+        self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
 
-    def after_epoch(self, learn: Learner) -> None:
+    def after_epoch(self, learn: BaseLearner) -> None:
         value = self.monitor.value(learn)
         if value is not None and self.monitor.better(value, self.best):
             atomic_save(learn.model.state_dict(), self.path)
             self.best, self.best_epoch = value, learn.epoch
 
-    def cleanup_fit(self, learn: Learner) -> None:
+    def cleanup_fit(self, learn: BaseLearner) -> None:
         if not (self.load_best and self.best_epoch >= 0):
             return
         state = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -284,7 +273,8 @@ class TerminateOnNaNCB(Callback):
         >>> learn.fit(10, cbs=[TerminateOnNaNCB()])
     """
 
-    order = 60
+    order = ORDERS["TerminateOnNaNCB"]
+    in_lr_find = False  # the finder stops at a non-finite loss itself
 
     def __init__(self) -> None:
         self.reason: str | None = None
@@ -296,10 +286,10 @@ class TerminateOnNaNCB(Callback):
         """`learn.terminate_on_nan`."""
         return "terminate_on_nan"
 
-    def before_fit(self, learn: Learner) -> None:
+    def before_fit(self, learn: BaseLearner) -> None:
         self.reason, self.stopped_epoch, self.stopped_batch = None, None, None
 
-    def after_loss(self, learn: Learner) -> None:
+    def after_loss(self, learn: BaseLearner) -> None:
         if not learn.training:
             return
         finite = bool(torch.isfinite(learn.loss).all())

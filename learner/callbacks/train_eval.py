@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from learner.core import Callback, Learner
+from learner.callbacks.order import ORDERS
+from learner.core import BaseLearner, Callback
+from learner.utils import restore_training_flags, training_flags
 
 __all__ = ["TrainEvalCB"]
 
@@ -23,27 +25,26 @@ class TrainEvalCB(Callback):
         >>> Learner(model, dls, F.mse_loss).fit(1)
     """
 
-    order = -30
+    order = ORDERS["TrainEvalCB"]
 
     def __init__(self) -> None:
         self.saved: list[tuple[nn.Module, bool]] = []
         self.pinned: list[nn.Module] = []
 
-    def before_fit(self, learn: Learner) -> None:
-        self.saved = [(m, m.training) for m in learn.model.modules()]
+    def before_fit(self, learn: BaseLearner) -> None:
+        self.saved = training_flags(learn.model)
         root_training = learn.model.training
         self.pinned = [m for m, t in self.saved if root_training and not t]
 
-    def before_train(self, learn: Learner) -> None:
+    def before_train(self, learn: BaseLearner) -> None:
         learn.model.train()
         # Set flags one module at a time: `.eval()` would recurse into children we did not pin.
         for m in self.pinned:
             m.training = False
 
-    def before_validate(self, learn: Learner) -> None:
+    def before_validate(self, learn: BaseLearner) -> None:
         learn.model.eval()
 
-    def cleanup_fit(self, learn: Learner) -> None:
-        for m, training in self.saved:
-            m.training = training
+    def cleanup_fit(self, learn: BaseLearner) -> None:
+        restore_training_flags(self.saved)
         self.saved, self.pinned = [], []

@@ -84,14 +84,14 @@ def test_batches_of_a_tensor_loader_on_the_device_are_not_looked_at(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     moved: list[Any] = []
-    real = device_module._move
+    real = device_module.move
 
     def counting(obj: Any, device: torch.device) -> Any:
         if isinstance(obj, (tuple, list)):  # a whole batch, not the tensors it recurses into
             moved.append(obj)
         return real(obj, device)
 
-    monkeypatch.setattr(device_module, "_move", counting)
+    monkeypatch.setattr(device_module, "move", counting)
     x, y = make_data(40)
     on_cpu = DataLoaders.from_tensors(x[:32], y[:32], x[32:], y[32:], bs=8, device="cpu")
     learn = Learner(make_model(), on_cpu, F.cross_entropy, cbs=[DeviceCB("cpu")])

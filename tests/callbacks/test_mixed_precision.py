@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -260,17 +261,21 @@ def test_real_grad_scaler_float16_on_cpu_equals_the_textbook_loop() -> None:
 
 
 @needs_cpu_scaler
-def test_scaler_true_makes_one_and_its_state_round_trips(tiny: dict[str, Any]) -> None:
+def test_scaler_true_makes_one_and_its_state_round_trips(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
     learn = Learner(**tiny, cbs=[MixedPrecisionCB(torch.float16, scaler=True)])
     learn.fit(1)
     mp = learn.mixed_precision
     assert isinstance(mp.scaler, torch.amp.GradScaler)
     mp.scaler.update(new_scale=512.0)
     state = mp.state_dict()
+    learn.save(tmp_path / "ckpt.pt")
 
+    # A resumed fit loads the state once before_fit has made the scaler.
     fresh = MixedPrecisionCB(torch.float16, scaler=True)
-    fresh.load_state_dict(state)  # before the scaler exists: applied when fit creates it
-    Learner(**{**tiny, "model": make_model()}, cbs=[fresh]).fit(0)
+    other = Learner(**{**tiny, "model": make_model()}, cbs=[fresh])
+    other.fit(1, resume_from=tmp_path / "ckpt.pt")  # at the end of epoch 0: nothing to train
     assert fresh.scaler is not None and fresh.scaler.get_scale() == 512.0
     assert fresh.state_dict() == state
 

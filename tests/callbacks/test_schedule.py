@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from learner import (
     Callback,
     CancelBatchException,
     CancelFitException,
+    CheckpointCB,
     Learner,
     LRSchedulerCB,
     ParamSchedulerCB,
@@ -222,23 +224,22 @@ class StopAfterEpochCB(Callback):
             raise CancelFitException()
 
 
-def test_state_dict_resumes_the_schedule() -> None:
+def test_state_dict_resumes_the_schedule(tmp_path: Path) -> None:
     scheds = {"lr": sched_cos(0.1, 0.001), "mom": sched_lin(0.9, 0.5)}
     whole = Learner(make_model(), make_dls(), F.cross_entropy, opt_func=torch.optim.SGD)
     whole.fit(4, cbs=[ParamSchedulerCB(scheds)])
 
     learn = Learner(make_model(), make_dls(), F.cross_entropy, opt_func=torch.optim.SGD)
-    first = ParamSchedulerCB(scheds)
-    learn.fit(4, cbs=[first, StopAfterEpochCB(1)])  # interrupted after 2 of 4 epochs
-    state = first.state_dict()
-    assert state == {"pos": 4, "total": 8, "since_step": 0}
+    first, path = ParamSchedulerCB(scheds), tmp_path / "ckpt.pt"
+    # Interrupted after 2 of 4 epochs; the last checkpoint is at the end of epoch 0.
+    learn.fit(4, cbs=[first, StopAfterEpochCB(1), CheckpointCB(path)])
+    assert first.state_dict() == {"pos": 4, "total": 8, "since_step": 0}
     second = ParamSchedulerCB(scheds)
-    second.load_state_dict(state)
-    learn.fit(2, cbs=[second])
+    learn.fit(4, cbs=[second], resume_from=path)
     assert learn.recorder.lrs == whole.recorder.lrs
     for a, b in zip(learn.model.parameters(), whole.model.parameters()):
         assert torch.equal(a, b)
-    # The loaded state is used once: the next fit starts its own schedule.
+    # The loaded state belongs to the resumed fit: the next fit starts its own schedule.
     learn.fit(1, cbs=[second])
     assert learn.recorder.lrs[-2:] == [0.1, sched_cos(0.1, 0.001)(0.5)]
 
@@ -277,16 +278,16 @@ def test_torch_scheduler_per_epoch(tiny: dict[str, Any]) -> None:
     assert learn.recorder.lrs == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
 
 
-def test_scheduler_state_resumes(tiny: dict[str, Any]) -> None:
+def test_scheduler_state_resumes(tiny: dict[str, Any], tmp_path: Path) -> None:
     factory = lambda opt: OneCycleLR(opt, max_lr=0.5, total_steps=8)
     want, _ = plain_loop_lrs(factory, 8)
-    learn = Learner(**tiny)
-    first = LRSchedulerCB(factory)
-    learn.fit(2, cbs=[first])
-    second = LRSchedulerCB(factory)
-    second.load_state_dict(first.state_dict())
-    learn.fit(2, cbs=[second])
+    learn, path = Learner(**tiny), tmp_path / "ckpt.pt"
+    learn.fit(4, cbs=[LRSchedulerCB(factory), StopAfterEpochCB(1), CheckpointCB(path)])
+    # A resumed fit builds the scheduler at before_fit, then loads its state.
+    learn.fit(4, cbs=[LRSchedulerCB(factory)], resume_from=path)
     assert learn.recorder.lrs == want
+    with pytest.raises(ValueError, match="no scheduler yet"):
+        LRSchedulerCB(factory).load_state_dict({})
 
 
 def test_reduce_on_plateau_reads_the_monitor(tiny: dict[str, Any]) -> None:

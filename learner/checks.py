@@ -1,15 +1,27 @@
-"""Early, clear errors for bad input to the Learner: kept out of core.py so the loop reads
-in one sitting."""
+"""Early, clear errors for bad input: the checks the Learner and the callbacks share, kept out of
+core.py so the loop reads in one sitting. This module imports nothing of the package."""
 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import weakref
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+
+__all__ = [
+    "add_note_once",
+    "check_dls",
+    "check_events",
+    "check_int",
+    "check_lr",
+    "check_not_empty",
+    "check_number",
+    "describe",
+]
 
 _EVENT_LIKE = re.compile(r"^(before|after|cleanup)_")
 
@@ -54,9 +66,33 @@ def add_note_once(e: BaseException, note: str) -> None:
         e.add_note(note)
 
 
+def check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    """A ValueError unless `value` is an int (not a bool) >= `minimum`, or None if `optional`.
+
+    `name` is how the message names the value, e.g. "GradAccumCB n_batches"."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        alt = " or None" if optional else ""
+        raise ValueError(f"{name} must be an int >= {minimum}{alt}, got {value!r}.")
+
+
+def check_number(name: str, value: Any, positive: bool = True, finite: bool = False) -> None:
+    """A ValueError unless `value` is an int or float (not a bool) that is > 0 (or >= 0 with
+    `positive=False`) and, with `finite`, not infinite. NaN is never accepted."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok:
+        ok = value > 0 if positive else value >= 0  # False for NaN
+    if ok and finite:
+        ok = math.isfinite(value)
+    if not ok:
+        what = ("a positive" if positive else "a non-negative") + (" finite" if finite else "")
+        raise ValueError(f"{name} must be {what} number, got {value!r}.")
+
+
 def check_lr(lr: Any) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"lr must be a positive number, got {lr!r}.")
+    """A ValueError unless `lr` is a positive number."""
+    check_number("lr", lr)
 
 
 def check_dls(dls: Any) -> None:

@@ -8,14 +8,14 @@ with `torch.load(path, weights_only=True)`: a file from an untrusted source cann
   `module.` from `DataParallel`/`DistributedDataParallel`), so it loads into a wrapped model or
   a plain one alike; `grads`: the gradients held between steps (gradient accumulation).
 - `opt`: the optimizer's `state_dict()` (None before the first fit).
-- `callbacks`: `cb.state_dict()` of every callback that has one, by `cb.name` (the recorder's
+- `callbacks`: every non-empty `cb.state_dict()`, by `cb.name` (the recorder's
   history, the schedules' positions, the metrics' accumulators mid-epoch, the GradScaler...).
 - `progress`: `{"epoch": e, "iter": k, "n_epochs": n}`: epochs before `e` are complete, and so
   are the first `k` training batches of epoch `e`.
 - `rng`: the Python, NumPy, torch (and CUDA) random states and those of the loaders'
   generators now; `epoch_rng`: those the current epoch's shuffle was drawn from (mid-epoch only).
 
-`fit(n_epochs, resume_from=path)` continues the saved run: see `Resume`.
+`fit(n_epochs, resume_from=path)` continues the saved run: see `learner.callbacks.resume`.
 """
 
 from __future__ import annotations
@@ -23,35 +23,35 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 
-from learner.core import Callback, Learner
+from learner.core import BaseLearner
 from learner.io import atomic_save
 from learner.rng import rng_state, set_rng_state
+from learner.utils import unwrap_model
 
-__all__ = ["FORMAT", "Resume", "load", "read_checkpoint", "save", "unwrap_model"]
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "check_model",
+    "check_optimizer",
+    "checkpoint",
+    "load",
+    "read_checkpoint",
+    "restore",
+    "save",
+]
 
 FORMAT, VERSION = "learner.checkpoint", 1
 StrPath = str | os.PathLike[str]
 
 
 # -- the model, unwrapped -----------------------------------------------------------------------
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside `torch.compile`, `DataParallel` and `DistributedDataParallel` wrappers."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
-            model = model._orig_mod  # type: ignore[assignment]
-        else:
-            return model
 
 
 def _plain_key(key: str) -> str:
@@ -67,21 +67,12 @@ def _named_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return {_plain_key(k): p for k, p in unwrap_model(model).named_parameters()}
 
 
-# -- random states, as tensors and plain values -------------------------------------------------
-
-
 # -- writing ------------------------------------------------------------------------------------
 
 
-def _callback_states(learn: Learner) -> dict[str, Any]:
-    return {cb.name: cast(Any, cb).state_dict() for cb in learn.cbs if _stateful(cb)}
-
-
-def _stateful(cb: Callback) -> bool:
-    # `state_dict` / `load_state_dict` are a convention callbacks opt into, not part of Callback.
-    return callable(getattr(cb, "state_dict", None)) and callable(
-        getattr(cb, "load_state_dict", None)
-    )
+def _callback_states(learn: BaseLearner) -> dict[str, Any]:
+    states = {cb.name: cb.state_dict() for cb in learn.cbs}
+    return {name: state for name, state in states.items() if state}
 
 
 def _check_plain(obj: Any, where: str) -> None:
@@ -104,7 +95,7 @@ def _check_plain(obj: Any, where: str) -> None:
 
 
 def checkpoint(
-    learn: Learner,
+    learn: BaseLearner,
     progress: Mapping[str, int] | None = None,
     epoch_rng: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -130,7 +121,7 @@ def checkpoint(
     return ckpt
 
 
-def save(learn: Learner, path: StrPath, **kwargs: Any) -> Path:
+def save(learn: BaseLearner, path: StrPath, **kwargs: Any) -> Path:
     """Write `checkpoint(learn, **kwargs)` to `path` atomically (see `learner.io.atomic_save`)."""
     return atomic_save(checkpoint(learn, **kwargs), path)
 
@@ -205,7 +196,8 @@ def check_model(model: nn.Module, state: Mapping[str, torch.Tensor], path: StrPa
         )
 
 
-def _check_opt(opt: torch.optim.Optimizer, state: Mapping[str, Any], path: StrPath) -> None:
+def check_optimizer(opt: torch.optim.Optimizer, state: Mapping[str, Any], path: StrPath) -> None:
+    """A ValueError if the optimizer state `state` does not fit `opt` (its param groups)."""
     ours = [len(g["params"]) for g in opt.param_groups]
     theirs = [len(g["params"]) for g in state["param_groups"]]
     if ours != theirs:
@@ -222,125 +214,61 @@ def _load_model(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     inner.load_state_dict({real[k]: v for k, v in state.items()})
 
 
-def load(learn: Learner, path: StrPath, with_opt: bool = True) -> dict[str, Any]:
+def _checked_optimizer(
+    learn: BaseLearner, ckpt: Mapping[str, Any], path: StrPath
+) -> torch.optim.Optimizer | None:
+    # The learner's optimizer, or one created for it, checked against the checkpoint's state.
+    if ckpt["opt"] is None:
+        return None
+    opt = learn.opt or learn.opt_func(learn.model.parameters(), lr=learn.lr)
+    check_optimizer(opt, ckpt["opt"], path)
+    return opt
+
+
+def load(learn: BaseLearner, path: StrPath, with_opt: bool = True) -> dict[str, Any]:
     """Load the weights (and with `with_opt` the optimizer state) of the checkpoint at `path`.
 
     Everything is checked before anything is assigned, so a bad file leaves `learn` unchanged.
     An optimizer is created first if the learner has none yet. Returns the checkpoint.
+
+    Example:
+        >>> learn.save("model.pt")
+        >>> learn.load("model.pt")  # the weights and the optimizer of that moment
     """
     ckpt = read_checkpoint(path)
-    _apply(learn, ckpt, path, with_opt=with_opt, resume=False)
+    check_model(learn.model, ckpt["model"], path)
+    opt = _checked_optimizer(learn, ckpt, path) if with_opt else None
+    _load_model(learn.model, ckpt["model"])
+    if opt is not None:
+        opt.load_state_dict(ckpt["opt"])
+        learn.opt = opt
     return ckpt
 
 
-def _apply(
-    learn: Learner, ckpt: Mapping[str, Any], path: StrPath, with_opt: bool, resume: bool
-) -> None:
+def restore(learn: BaseLearner, ckpt: Mapping[str, Any], path: StrPath) -> None:
+    """Put the whole run of a checkpoint back into `learn`: the weights, the gradients held
+    between steps, the optimizer, every callback's state (`load_state_dict`) and the random
+    states. Checked first (the model and the optimizer), so a bad file changes nothing.
+
+    Warns when the checkpoint holds the state of a callback the learner lacks."""
     check_model(learn.model, ckpt["model"], path)
-    opt = learn.opt
-    if with_opt and ckpt["opt"] is not None:
-        if opt is None:
-            opt = learn.opt_func(learn.model.parameters(), lr=learn.lr)
-        _check_opt(opt, ckpt["opt"], path)
-    states = ckpt["callbacks"] if resume else {}
-    if resume:
-        names = {cb.name for cb in learn.cbs}
-        unknown = [n for n in states if n not in names]
-        if unknown:
-            warnings.warn(
-                f"{path} holds the state of callbacks this learner lacks: {', '.join(unknown)}; "
-                "the resumed run may differ from the saved one. Add them to the learner.",
-                stacklevel=4,
-            )
-    # Checked: now assign.
+    opt = _checked_optimizer(learn, ckpt, path)
+    states = ckpt["callbacks"]
+    unknown = [n for n in states if n not in {cb.name for cb in learn.cbs}]
+    if unknown:
+        warnings.warn(
+            f"{path} holds the state of callbacks this learner lacks: {', '.join(unknown)}; "
+            "the resumed run may differ from the saved one. Add them to the learner.",
+            stacklevel=3,
+        )
     _load_model(learn.model, ckpt["model"])
-    if with_opt and ckpt["opt"] is not None:
-        assert opt is not None
+    if opt is not None:
         opt.load_state_dict(ckpt["opt"])
         learn.opt = opt
-    if not resume:
-        return
-    params = _named_params(learn.model)
-    for name, p in params.items():
+    for name, p in _named_params(learn.model).items():
         grad = ckpt["grads"].get(name)
         p.grad = None if grad is None else grad.to(p.device)
     for cb in learn.cbs:
-        if cb.name in states and _stateful(cb):
-            cast(Any, cb).load_state_dict(states[cb.name])
+        if cb.name in states:
+            cb.load_state_dict(states[cb.name])
     set_rng_state(learn.dls, ckpt["rng"])
-
-
-# -- resuming -----------------------------------------------------------------------------------
-
-
-class _SkipBatches:
-    """The first resumed training loader: iterated from the random states its epoch's shuffle
-    was drawn from, it skips the `start_iter` batches the saved run trained on (without running
-    them), then restores the random states of the moment the checkpoint was written."""
-
-    def __init__(self, dl: Any, start_iter: int, dls: Any, rng: Mapping[str, Any]) -> None:
-        self.dl, self.start_iter, self.dls, self.rng = dl, start_iter, dls, rng
-
-    def __len__(self) -> int:
-        return len(self.dl)
-
-    def __iter__(self) -> Iterator[Any]:
-        it = iter(self.dl)
-        for i in range(self.start_iter):
-            if next(it, None) is None:
-                raise ValueError(
-                    f"Cannot resume at batch {self.start_iter} of the epoch: the training loader "
-                    f"yields only {i} batches now. Resume with the data of the saved run."
-                )
-        set_rng_state(self.dls, self.rng)
-        yield from it
-
-
-class Resume(Callback):
-    """What `fit(n_epochs, resume_from=path)` adds for that fit: continues the saved run.
-
-    The file is read and checked against the model when the fit is called. At `before_fit`
-    (after `DeviceCB` moved the model, so the optimizer state lands on its device, and before
-    the callbacks whose state it restores) it loads the weights, gradients, optimizer, every
-    callback's state and the random states, and sets `learn.start_epoch`. Mid-epoch, at the first
-    `before_train` it restores the random states the epoch's shuffle was drawn from and hands the
-    loop a loader that skips the batches already trained on (see `learn.dl.start_iter`).
-
-    Events: `before_fit`, `before_train`. Order: -15.
-    """
-
-    order = -15
-
-    def __init__(self, learn: Learner, path: StrPath) -> None:
-        self.path = path
-        self.ckpt = read_checkpoint(path)
-        check_model(learn.model, self.ckpt["model"], path)  # before anything runs
-        self.start_iter = 0
-
-    def before_fit(self, learn: Learner) -> None:
-        _apply(learn, self.ckpt, self.path, with_opt=True, resume=True)
-        # Keep what the first training phase needs, not a second copy of the weights.
-        self.ckpt = {k: self.ckpt[k] for k in ("progress", "rng", "epoch_rng")}
-        epoch, self.start_iter = self.ckpt["progress"]["epoch"], self.ckpt["progress"]["iter"]
-        if epoch >= learn.n_epochs:
-            print(
-                f"resume_from={str(self.path)!r}: the checkpoint is at the end of epoch "
-                f"{epoch - 1}, and this fit has {learn.n_epochs} epochs: nothing to train.",
-                flush=True,
-            )
-            epoch, self.start_iter = learn.n_epochs, 0
-        learn.start_epoch = epoch
-
-    def before_train(self, learn: Learner) -> None:
-        if not self.start_iter:
-            return
-        epoch_rng = self.ckpt["epoch_rng"]
-        if epoch_rng is None:
-            raise ValueError(
-                f"{self.path} was written mid-epoch without the random states the epoch's "
-                "shuffle was drawn from, so the epoch cannot be resumed exactly. Write mid-epoch "
-                "checkpoints with CheckpointCB."
-            )
-        set_rng_state(learn.dls, epoch_rng)
-        learn.dl = _SkipBatches(learn.dl, self.start_iter, learn.dls, self.ckpt["rng"])
-        self.start_iter = 0

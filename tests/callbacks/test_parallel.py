@@ -32,7 +32,8 @@ from learner import (
     TensorLoaderShard,
     TerminateOnNaNCB,
 )
-from learner.callbacks import default_callbacks, shard_loader
+from learner.callbacks import default_callbacks
+from learner.sharding import shard_loader
 from learner.data import DataLoaders
 from learner.distributed import (
     all_reduce_sum,

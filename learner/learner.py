@@ -1,0 +1,119 @@
+"""`Learner`: the training loop of `learner.core` with the standard callbacks and everything
+built on the loop (resuming, saving, predictions, the learning-rate finder, one-cycle training).
+
+Each method that is not the loop's own is a function of the module that implements it, taken
+into the class as it is: one signature and one docstring, in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from learner.callbacks import default_callbacks
+from learner.callbacks.lr_finder import lr_find
+from learner.callbacks.resume import ResumeCB
+from learner.callbacks.schedule import fit_one_cycle
+from learner.core import BaseLearner, Callback, as_cbs
+from learner.inference import get_preds, infer
+from learner.inspect import show_training_loop, summary
+from learner.saving import load, save
+
+__all__ = ["Learner"]
+
+
+class Learner(BaseLearner):
+    """Bundles a model, data loaders, a loss function and an optimizer, and trains with `fit`.
+
+    The loop and its state are `learner.core.BaseLearner`'s; a subclass may override the training
+    steps `predict`, `get_loss`, `backward`, `step` and `zero_grad`.
+
+    Args:
+        model: the `nn.Module` to train.
+        dls: an object with `.train` (and optionally `.valid`) iterables of `(x, y)` batches,
+            such as `learner.DataLoaders`.
+        loss_func: `loss_func(preds, targets)` returning the mean loss of a batch.
+        lr: learning rate for the optimizer created on the first `fit`.
+        cbs: callbacks to add, one or an iterable (one of a default callback's class replaces it).
+        opt_func: optimizer factory, called as `opt_func(model.parameters(), lr=lr)`.
+        metrics: handed to the default `MetricsCB`: one metric, a list, or a dict name -> metric.
+        default_cbs: add `TrainEvalCB, DeviceCB, MetricsCB, RecorderCB, ProgressCB` (and
+            `DistributedCB` under torchrun).
+
+    Example:
+        >>> learn = Learner(model, dls, F.cross_entropy, lr=0.1, opt_func=torch.optim.SGD,
+        ...                 metrics=accuracy)
+        >>> learn.fit(5)
+        >>> learn.recorder.history[-1]["accuracy"]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dls: Any,
+        loss_func: Callable[..., torch.Tensor],
+        lr: float = 1e-3,
+        cbs: Callback | Iterable[Callback] | None = None,
+        opt_func: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
+        metrics: Any = None,
+        default_cbs: bool = True,
+    ) -> None:
+        if not default_cbs and metrics is not None:
+            raise ValueError(
+                "metrics= needs the default MetricsCB: pass default_cbs=True, or add "
+                "MetricsCB(...) to cbs yourself."
+            )
+        defaults = default_callbacks(metrics) if default_cbs else []
+        super().__init__(model, dls, loss_func, lr, [*defaults, *as_cbs(cbs)], opt_func)
+
+    def fit(
+        self,
+        n_epochs: int = 1,
+        lr: float | None = None,
+        cbs: Callback | Iterable[Callback] | None = None,
+        train: bool = True,
+        valid: bool = True,
+        resume_from: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Train for `n_epochs` epochs, each a training then a validation phase.
+
+        Args:
+            n_epochs: number of epochs (0 runs before_fit/after_fit only); when resuming, the
+                total of the run, as in the fit that wrote the checkpoint.
+            lr: if given, sets the learning rate of the optimizer (kept across fits).
+            cbs: callbacks for this call only (one, or an iterable); removed afterwards,
+                whatever happens.
+            train: run the training phases.
+            valid: run the validation phases (skipped anyway when `dls.valid` is absent).
+            resume_from: a checkpoint (`learn.save`, `CheckpointCB`) whose run this fit
+                continues exactly where it stopped: see `learner.callbacks.resume.ResumeCB`.
+        """
+        if resume_from is None:
+            super().fit(n_epochs, lr, cbs, train, valid)
+            return
+        if lr is not None:
+            raise ValueError(
+                "fit(resume_from=...) continues the saved run, learning rates included: "
+                "leave out lr=."
+            )
+        cbs = as_cbs(cbs)
+        resume = ResumeCB(self, resume_from)  # reads and checks the file now
+        try:
+            self.start_epoch, self.start_iter = resume.start(n_epochs)
+            self.resuming = True
+            super().fit(n_epochs, None, [*cbs, resume], train, valid)
+        finally:
+            self.start_epoch, self.start_iter, self.resuming = 0, 0, False
+
+    save = save
+    load = load
+    get_preds = get_preds
+    infer = infer
+    summary = summary
+    show_training_loop = show_training_loop
+    lr_find = lr_find
+    fit_one_cycle = fit_one_cycle

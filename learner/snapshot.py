@@ -1,0 +1,78 @@
+"""Doing something with a Learner that leaves no trace: one home for putting its state back.
+
+`get_preds`, `infer`, `summary` and `lr_find` run the model outside a training run; each does it
+inside `kept_state(learn)`, which restores the loop's state, every submodule's train/eval flag
+and, on request, the random states and the model's tensors and optimizer.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from learner.core import BaseLearner
+from learner.rng import rng_state, set_rng_state
+from learner.utils import restore_training_flags, training_flags
+
+__all__ = ["LOOP_STATE", "kept_state"]
+
+LOOP_STATE = (
+    "epoch", "n_epochs", "iter", "training", "dl", "batch", "preds", "loss", "loss_grad",
+    "run_train", "run_valid", "start_epoch", "start_iter", "resuming",
+)  # fmt: skip
+"""The documented loop state of `BaseLearner` that a fit changes (see its docstring)."""
+
+
+@contextmanager
+def kept_state(
+    learn: BaseLearner, rng: bool = False, weights: bool = False, opt: bool = False
+) -> Iterator[None]:
+    """Within the block do anything; afterwards the learner's `LOOP_STATE`, `learn.model`,
+    `learn.opt` (the object, or its absence), every submodule's train/eval flag are as before,
+    also after an exception or Ctrl-C. With `rng`: also the Python, NumPy, torch (and CUDA, MPS)
+    random states and the loaders' generators. With `weights`: also the model's parameters,
+    buffers and gradients, even if the block moved or cast them (the very same tensor objects are
+    put back). With `opt`: also the optimizer's state.
+
+    Example:
+        >>> with kept_state(learn, rng=True):
+        ...     batch = next(iter(learn.dls.train))  # the shuffle's random numbers come back
+    """
+    model, optimizer = learn.model, learn.opt
+    loop = {name: getattr(learn, name) for name in LOOP_STATE}
+    flags = training_flags(model)
+    rngs = rng_state(learn.dls) if rng else None
+    # Per module and name: moving a model (`.to(device)`) puts new tensor objects in for buffers.
+    tensors = [
+        (m, name, t, t.detach().clone())
+        for m in model.modules()
+        for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+    ] if weights else []  # fmt: skip
+    grads = [
+        (p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()
+    ] if weights else []  # fmt: skip
+    opt_state = copy.deepcopy(optimizer.state_dict()) if opt and optimizer is not None else None
+    try:
+        yield
+    finally:
+        learn.model, learn.opt = model, optimizer
+        with torch.no_grad():
+            for m, name, t, saved in tensors:
+                if t.device == saved.device and t.dtype == saved.dtype:
+                    t.copy_(saved)
+                else:  # moved or cast in the block (DeviceCB moves the model): move it back
+                    t.data = saved
+                if getattr(m, name) is not t:
+                    setattr(m, name, t)
+        for p, grad in grads:
+            p.grad = grad
+        restore_training_flags(flags)
+        if optimizer is not None and opt_state is not None:
+            optimizer.load_state_dict(opt_state)  # after the weights: it casts to their device
+        for name, value in loop.items():
+            setattr(learn, name, value)
+        if rngs is not None:
+            set_rng_state(learn.dls, rngs)

@@ -1,0 +1,112 @@
+"""Small helpers the rest of the package builds on; this module imports nothing of the package.
+
+One home for each: moving nested batches between devices, the device a model lives on, the
+model inside `torch.compile` / DDP wrappers, a batch's size, modules' train/eval flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "batch_size",
+    "model_device",
+    "move",
+    "restore_training_flags",
+    "snake",
+    "to_device",
+    "training_flags",
+    "unwrap_model",
+]
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Move every tensor in `obj` to `device`, through tuples, lists, dicts, namedtuples and
+    dataclasses; other leaves are returned as they are.
+
+    Example:
+        >>> to_device({"x": torch.ones(2), "n": 3}, "cpu")
+        {'x': tensor([1., 1.]), 'n': 3}
+    """
+    return move(obj, torch.device(device))
+
+
+def move(obj: Any, device: torch.device) -> Any:
+    """`to_device` for a `torch.device` already resolved (the per-batch path of `DeviceCB`)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.device == device:  # the common case on one device: no dispatcher call at all
+            return obj
+        # Host-to-device copies may overlap with compute; device-to-host ones must not (the host
+        # would read memory before the copy lands).
+        return obj.to(device, non_blocking=device.type == "cuda" and obj.device.type == "cpu")
+    if type(obj) is tuple:  # the usual (x, y) batch, before the slower general checks
+        return tuple([move(o, device) for o in obj])
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(move(o, device) for o in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)([move(o, device) for o in obj])
+    if isinstance(obj, dict):
+        return type(obj)((k, move(v, device)) for k, v in obj.items())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = {
+            f.name: move(getattr(obj, f.name), device) for f in dataclasses.fields(obj) if f.init
+        }
+        return dataclasses.replace(obj, **fields)
+    return obj
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for a model with neither."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside `DistributedDataParallel`, `DataParallel` and `torch.compile`
+    wrappers; `model` itself if it is not wrapped. Its `state_dict()` keys carry no `module.` or
+    `_orig_mod.` prefix, so they load into the plain model, with any number of processes."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def snake(name: str) -> str:
+    """`RecorderCB` -> `recorder_cb`: CamelCase to snake_case.
+
+    Example:
+        >>> snake("MulticlassAccuracy")
+        'multiclass_accuracy'
+    """
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+def batch_size(batch: Any) -> int:
+    """The number of samples in an `(x, y, ...)` batch: the length of its targets `batch[1]`
+    (of `batch[0]` when there are none)."""
+    try:
+        return int(batch[1].shape[0])  # the usual (x, y) batch of tensors
+    except (AttributeError, IndexError, TypeError):
+        targets = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else batch[0]
+        return len(targets)
+
+
+def training_flags(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Every submodule of `model` with its `.training` flag, for `restore_training_flags`."""
+    return [(m, m.training) for m in model.modules()]
+
+
+def restore_training_flags(flags: list[tuple[nn.Module, bool]]) -> None:
+    """Put back the flags `training_flags` returned, one module at a time (`.train()` and
+    `.eval()` recurse into children, which may have had other flags)."""
+    for m, training in flags:
+        m.training = training
