@@ -33,7 +33,6 @@ from learner import (
     TerminateOnNaNCB,
 )
 from learner.callbacks import default_callbacks
-from learner.sharding import shard_loader
 from learner.data import DataLoaders
 from learner.distributed import (
     all_reduce_sum,
@@ -44,6 +43,7 @@ from learner.distributed import (
     unwrap_model,
     world_size,
 )
+from learner.sharding import shard_loader
 
 needs_gloo = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
