@@ -21,6 +21,7 @@ from learner import (
     CancelStepException,
     CancelTrainException,
     CancelValidateException,
+    DeviceCB,
     Learner,
     MetricsCB,
     ProgressCB,
@@ -661,3 +662,30 @@ def test_dls_of_plain_iterables() -> None:
     learn.fit(2)
     assert len(learn.recorder.losses) == 8
     assert make_dls().valid is not None
+
+
+def test_removed_cbs_puts_the_same_list_back(tiny: dict[str, Any]) -> None:
+    learn = Learner(**tiny)
+    before = list(learn.cbs)
+    with learn.removed_cbs([learn.progress, learn.metrics]):
+        assert learn.cbs == [cb for cb in before if cb.name not in ("progress", "metrics")]
+        assert learn.callbacks_at("after_batch") == [learn.recorder]
+    assert learn.cbs == before
+    with pytest.raises(ValueError, match="boom"), learn.removed_cbs(learn.recorder):
+        raise ValueError("boom")
+    assert learn.cbs == before and learn.recorder in learn.callbacks_at("after_batch")
+
+
+def test_one_callback_without_a_list(tiny: dict[str, Any]) -> None:
+    learn = Learner(**tiny, cbs=DeviceCB("cpu"), default_cbs=False)
+    assert [type(cb) for cb in learn.cbs] == [DeviceCB]
+    seen: list[int] = []
+
+    class EpochCB(Callback):
+        def after_epoch(self, learn: Learner) -> None:
+            seen.append(learn.epoch)
+
+    learn.fit(2, cbs=EpochCB())
+    assert seen == [0, 1] and len(learn.cbs) == 1
+    with pytest.raises(TypeError, match="Callback instances"):
+        learn.fit(1, cbs="not a callback")  # type: ignore[arg-type]

@@ -1,7 +1,10 @@
 """The one table of the standard callbacks' `order`, and the constraints between them.
 
 Callbacks run sorted by `order` at every event (lower first; ties keep the order they were
-added in). Each standard callback takes its `order` from `ORDERS`, and each constraint below is
+added in). Many dependencies need no order because they span events: `MetricsCB` computes a
+phase's values at `after_train`/`after_validate`, before `RecorderCB` makes the epoch's row at
+`after_epoch`, which `CSVLoggerCB` writes at `cleanup_epoch`. The ones that do are
+`CONSTRAINTS`. Each standard callback takes its `order` from `ORDERS`, and each constraint is
 pinned by a test (tests/callbacks/test_order.py), so a change to the table that breaks one fails.
 Give a callback of your own an order relative to these: e.g. between `RecorderCB` (-5) and
 `ProgressCB` (50) to read the epoch's row before it is printed.
@@ -60,10 +63,6 @@ CONSTRAINTS: tuple[Constraint, ...] = (
                "autocast's device type is the model's"),
     Constraint("DistributedCB", "MetricsCB", "before_fit",
                "MetricsCB looks at the sharded loaders"),
-    Constraint("MetricsCB", "RecorderCB", "after_epoch",
-               "the recorder's row is the epoch's metrics"),
-    Constraint("RecorderCB", "CSVLoggerCB", "cleanup_epoch",
-               "the row is recorded before it is written"),
     Constraint("RecorderCB", "TensorBoardCB", "after_epoch",
                "the row is recorded before it is written"),
     Constraint("GradAccumCB", "MixedPrecisionCB", "before_step",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from torch import nn
 
 from learner import (
     Callback,
+    CheckpointCB,
+    CSVLoggerCB,
     DataLoaders,
     EarlyStoppingCB,
     Learner,
@@ -407,6 +410,66 @@ def test_the_finder_overrides_a_scheduler_in_the_learner(tiny: dict[str, Any]) -
     cbs = [ParamSchedulerCB({"lr": sched_no(0.5, 0.5)}), UsedLrCB()]
     res = Learner(**tiny, cbs=cbs).lr_find(num_it=12, stop_factor=None)
     assert used == res.lrs and res.lrs[0] == 1e-7
+
+
+class CountingMetric:
+    """A stateful metric of the user's (update/compute/reset): lr_find must leave it alone."""
+
+    def __init__(self) -> None:
+        self.n, self.updates = 0, 0
+
+    def update(self, preds: torch.Tensor, targets: torch.Tensor) -> None:
+        self.n += len(targets)
+        self.updates += 1
+
+    def compute(self) -> int:
+        return self.n
+
+    def reset(self) -> None:
+        self.n = 0
+
+
+@pytest.mark.parametrize("exc", [None, KeyboardInterrupt()])
+def test_lr_find_touches_no_user_object_and_writes_no_file(
+    tiny: dict[str, Any], tmp_path: Path, exc: BaseException | None
+) -> None:
+    metric = CountingMetric()
+    ckpt, log = tmp_path / "ckpt.pt", tmp_path / "log.csv"
+    # fit(1) sees 2 training batches; the sweep, if `exc`, is interrupted at its 5th.
+    cbs = [CheckpointCB(ckpt, every_n_batches=1), CSVLoggerCB(log), RaiseAtCB(2 + 5, exc)]
+    learn = Learner(**tiny, metrics={"n": metric}, cbs=cbs)
+    learn.fit(1)
+    files = {p: p.read_bytes() for p in (ckpt, log)}
+    objects = [(cb, dict(vars(cb))) for cb in learn.cbs]
+    handler = signal.getsignal(signal.SIGINT)
+    if exc is None:
+        learn.lr_find(num_it=12)
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            learn.lr_find(num_it=12)
+    assert learn.metrics.metrics["n"] is metric and (metric.n, metric.updates) == (8, 1)
+    assert [cb for cb, _ in objects] == learn.cbs  # the same objects, in the same order
+    for cb, attrs in objects:
+        assert vars(cb).keys() == attrs.keys() and all(vars(cb)[k] is v for k, v in attrs.items())
+    assert learn.raise_at.seen == 2  # the sweep ran on a copy of it
+    assert {p: p.read_bytes() for p in (ckpt, log)} == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "log.csv"]
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_callbacks_can_sit_the_sweep_out(tiny: dict[str, Any]) -> None:
+    class WatchCB(Callback):
+        in_lr_find = False
+
+        def __init__(self) -> None:
+            self.batches = 0
+
+        def after_batch(self, learn: Learner) -> None:
+            self.batches += 1
+
+    learn = Learner(**tiny, cbs=[WatchCB(), NoiseCB()])
+    learn.lr_find(num_it=12, stop_factor=None)
+    assert learn.watch.batches == 0 and learn.noise.count == 0
 
 
 # -- MNIST: the point is the accuracy the suggested lr reaches -----------------------------------
