@@ -1,24 +1,29 @@
 """How much does the Learner cost over a hand-written loop? One MNIST recipe, measured side by side.
 
 The recipe: MLP 784-50-10 on flattened, normalised MNIST (or, with `--model cnn`, a small CNN on
-the images), batch 64 (validation 128), SGD lr 0.1, 2 epochs with validation. Each repetition runs
-every variant once, in turn, so machine drift hits all of them alike. The table reports for each
-variant the median seconds; the ratio to the hand-written slicing loop (the median over
-repetitions of the ratio within each, which cancels drift); the extra microseconds per batch
-(training and validation) that ratio means; and the final validation accuracy. The variants train
-on the same batches from the same initial weights, so the accuracies must agree: the DataLoader
-loop and the Learner see exactly the same batches and agree exactly, the slicing loop draws its
-own order.
+the images), batch 64 (validation 128), SGD lr 0.1, 2 epochs with validation, on one CPU thread
+(`torch.set_num_threads(1)`: other processes on the cores stall torch's threads and blur the
+figures). Each repetition runs every variant once, in turn, so machine drift hits all of them
+alike. The table reports for each variant the median seconds; the ratio to the reference, the
+fastest hand-written loop we know (`index_select`), as the median over repetitions of the ratio
+within each, which cancels drift; the extra microseconds per batch (training and validation) that
+ratio means; the ratio to the fancy-indexing loop, measured the same way; and the final validation
+accuracy. The variants train from the same initial weights, so the accuracies must agree: the two
+hand loops over a permutation draw the same batches and agree exactly, and so do the DataLoader
+loop and the Learner, which draw theirs from another generator.
 
 Variants:
-- `slicing loop`: a hand-written loop over one permutation per epoch, indexing whole tensors.
+- `index_select loop` (the reference): a hand-written loop over one `randperm` per epoch, split
+  into batches of indices, each batch gathered with `x.index_select(0, idx)`.
+- `fancy-indexing loop`: the same loop gathering with `x[idx]`.
 - `DataLoader loop`: the same loop over `DataLoader(TensorDataset(...), shuffle=True)`.
-- `Learner`: `Learner(...).fit(2)` on `DataLoaders.from_tensors`, default callbacks (metrics,
-  recorder, progress) and `metrics=accuracy`, with the progress bars drawn (as in a terminal; the
-  output goes to a buffer), throttled as they are by default.
+- `Learner, default callbacks, metrics=accuracy`: `Learner(...).fit(2)` on
+  `DataLoaders.from_tensors`, default callbacks (metrics, recorder, progress) and
+  `metrics=accuracy`, with the progress bars drawn (as in a terminal; the output goes to a
+  buffer), throttled as they are by default.
 - `Learner, no bars`: the same with the default `ProgressCB` as it runs when output is not a
   terminal (a log file, CI): the table of results only.
-- `Learner, no progress`: the same without `ProgressCB`.
+- `Learner, no ProgressCB`: the same without `ProgressCB`.
 
 - `Lightning`, `fastai` (with `--lightning`, `--fastai`, when installed): the recipe as their
   users write it, each with its default progress reporting and an accuracy metric.
@@ -82,7 +87,8 @@ def evaluate(model: nn.Module, batches: object) -> float:
     return acc
 
 
-def slicing_loop(data: tuple[torch.Tensor, ...], epochs: int) -> float:
+def index_select_loop(data: tuple[torch.Tensor, ...], epochs: int) -> float:
+    """The reference: the fastest hand-written loop we know."""
     x, y, xv, yv = data
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -92,6 +98,25 @@ def slicing_loop(data: tuple[torch.Tensor, ...], epochs: int) -> float:
         model.train()
         for idx in torch.randperm(len(x), generator=g).split(BS):
             loss = F.cross_entropy(model(x.index_select(0, idx)), y.index_select(0, idx))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        valid = ((xv[i : i + 2 * BS], yv[i : i + 2 * BS]) for i in range(0, len(xv), 2 * BS))
+        acc = evaluate(model, valid)
+    return acc
+
+
+def fancy_indexing_loop(data: tuple[torch.Tensor, ...], epochs: int) -> float:
+    """The same loop, gathering each batch with `x[idx]`: the same batches, slower."""
+    x, y, xv, yv = data
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    g = torch.Generator().manual_seed(1)
+    acc = 0.0
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(x), generator=g).split(BS):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -206,18 +231,23 @@ def main() -> None:
     args = parser.parse_args()
     global MODEL
     MODEL = args.model
+    torch.set_num_threads(1)
     try:
         data = tuple(mnist(root=args.root, flatten=args.model == "mlp", download=False))
     except DataNotFoundError as e:
         print(f"MNIST not found, nothing to measure: {e}".splitlines()[0])
         print("Set LEARNER_DATA to a folder holding MNIST/raw/ (or pass --root).")
         return
+    reference, fancy = "index_select loop", "fancy-indexing loop"
     variants: dict[str, Callable[[], float]] = {
-        "slicing loop": lambda: slicing_loop(data, args.epochs),
+        reference: lambda: index_select_loop(data, args.epochs),
+        fancy: lambda: fancy_indexing_loop(data, args.epochs),
         "DataLoader loop": lambda: dataloader_loop(data, args.epochs),
-        "Learner": lambda: learner_fit(data, args.epochs, bars=True),
+        "Learner, default callbacks, metrics=accuracy": lambda: learner_fit(
+            data, args.epochs, bars=True
+        ),
         "Learner, no bars": lambda: learner_fit(data, args.epochs, bars=None),
-        "Learner, no progress": lambda: learner_fit(data, args.epochs, bars=False),
+        "Learner, no ProgressCB": lambda: learner_fit(data, args.epochs, bars=False),
     }
     for flag, name, module, run in [
         (args.lightning, "Lightning", "lightning", lightning_fit),
@@ -241,7 +271,12 @@ def main() -> None:
                 start = time.perf_counter()
                 accs[name] = run()
                 times[name].append(time.perf_counter() - start)
-    base = times["slicing loop"]
+
+    def ratio(name: str, to: str) -> float:
+        """The median over repetitions of the ratio within each: drift cancels."""
+        return statistics.median(t / b for t, b in zip(times[name], times[to]))
+
+    base = statistics.median(times[reference])
     n_batches = args.epochs * (-(-len(data[0]) // BS) + -(-len(data[2]) // (2 * BS)))
     print(
         f"MNIST {'MLP 784-50-10' if MODEL == 'mlp' else 'CNN 1-8-16-32-64-10'}, bs {BS}, SGD, "
@@ -249,12 +284,19 @@ def main() -> None:
         f"median of {args.reps}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{sys.platform}"
     )
-    print(f"{'variant':<24}{'seconds':>9}{'ratio':>8}{'us/batch':>10}{'accuracy':>10}")
+    print(f"ratio: to the {reference}; us/batch: what that ratio costs per batch")
+    width = max(map(len, variants)) + 2
+    print(
+        f"{'variant':<{width}}{'seconds':>9}{'ratio':>8}{'us/batch':>10}{'vs x[idx]':>11}"
+        f"{'accuracy':>10}"
+    )
     for name in variants:
-        t = statistics.median(times[name])
-        ratio = statistics.median(v / b for v, b in zip(times[name], base))
-        extra = (ratio - 1) * statistics.median(base) / n_batches * 1e6
-        print(f"{name:<24}{t:>9.3f}{ratio:>7.3f}x{extra:>+10.1f}{accs[name]:>10.4f}")
+        t, r = statistics.median(times[name]), ratio(name, reference)
+        extra = (r - 1) * base / n_batches * 1e6
+        print(
+            f"{name:<{width}}{t:>9.3f}{r:>7.3f}x{extra:>+10.1f}{ratio(name, fancy):>10.3f}x"
+            f"{accs[name]:>10.4f}"
+        )
 
 
 if __name__ == "__main__":
