@@ -5,7 +5,7 @@ data that fits in memory, `DataLoaders.from_tensors` is the fast path: the tenso
 once, and every batch is a single index of whole tensors, with no per-item `__getitem__` and no
 collate. It yields exactly the batches a torch `DataLoader` would for the same seed.
 
-Example:
+Examples:
     >>> from learner.data import DataLoaders, mnist
     >>> dls = DataLoaders.from_tensors(*mnist(), bs=64)  # doctest: +SKIP
     >>> xb, yb = next(iter(dls.train))  # doctest: +SKIP
@@ -80,7 +80,7 @@ class TensorLoader:
         device: where to put the tensors (e.g. "cuda"); None leaves them where they are.
         generator: a CPU `torch.Generator` for the shuffle; None follows `torch.manual_seed`.
 
-    Example:
+    Examples:
         >>> x, y = torch.arange(10.0).unsqueeze(1), torch.arange(10)
         >>> dl = TensorLoader(x, y, bs=4)
         >>> [yb.tolist() for _, yb in dl]
@@ -164,7 +164,7 @@ class DataLoaders:
         train: batches for training.
         valid: batches for validation, or None to skip validation.
 
-    Example:
+    Examples:
         >>> x, y = torch.randn(100, 3), torch.randint(0, 2, (100,))
         >>> dls = DataLoaders.from_tensors(x[:80], y[:80], x[80:], y[80:], bs=16)
         >>> len(dls.train), len(dls.valid)
@@ -197,7 +197,7 @@ class DataLoaders:
             **kwargs: passed to both `DataLoader`s, e.g. `num_workers`, `pin_memory`,
                 `generator`, `collate_fn`.
 
-        Example:
+        Examples:
             >>> from torch.utils.data import TensorDataset
             >>> ds = TensorDataset(torch.randn(100, 3), torch.randint(0, 2, (100,)))
             >>> dls = DataLoaders.from_datasets(ds, ds, bs=32)
@@ -244,7 +244,7 @@ class DataLoaders:
             device: move all tensors there once (e.g. "cuda"). Default None: leave them.
             generator: CPU `torch.Generator` for the shuffle. Default None: global RNG.
 
-        Example:
+        Examples:
             >>> from learner.data import digits
             >>> dls = DataLoaders.from_tensors(*digits(), bs=64)  # doctest: +SKIP
             >>> xb, yb = next(iter(dls.train))  # doctest: +SKIP
@@ -277,7 +277,7 @@ class DataLoaders:
 class TensorData(NamedTuple):
     """Train and validation tensors, in the order `DataLoaders.from_tensors` takes them.
 
-    Example:
+    Examples:
         >>> data = TensorData(torch.zeros(4, 2), torch.zeros(4), torch.zeros(2, 2), torch.zeros(2))
         >>> dls = DataLoaders.from_tensors(*data, bs=2)
     """
@@ -291,7 +291,7 @@ class TensorData(NamedTuple):
 class DataNotFoundError(FileNotFoundError):
     """A dataset's files are missing and could not be downloaded.
 
-    Example:
+    Examples:
         >>> try:
         ...     mnist(root="/nonexistent", download=False)
         ... except DataNotFoundError as e:
@@ -313,7 +313,7 @@ def data_root(root: StrPath | None = None) -> Path:
 
     The cache folder is `$XDG_CACHE_HOME/learner`, or `~/.cache/learner`. Nothing is created.
 
-    Example:
+    Examples:
         >>> data_root("/data")
         PosixPath('/data')
     """
@@ -328,7 +328,7 @@ def data_root(root: StrPath | None = None) -> Path:
 def mnist_available(root: StrPath | None = None) -> bool:
     """Whether the uncompressed MNIST files are under `data_root(root)/MNIST/raw/`. No download.
 
-    Example:
+    Examples:
         >>> from learner.data import mnist, mnist_available, digits
         >>> data = mnist() if mnist_available() else digits()  # doctest: +SKIP
     """
@@ -402,7 +402,7 @@ def mnist(
     Raises:
         DataNotFoundError: the files are missing and were not downloaded.
 
-    Example:
+    Examples:
         >>> dls = DataLoaders.from_tensors(*mnist(), bs=64)  # doctest: +SKIP
     """
     return _load_mnist_like("MNIST", root, flatten, normalize, download)
@@ -418,7 +418,7 @@ def fashion_mnist(
 
     Files are read from `data_root(root)/FashionMNIST/raw/`.
 
-    Example:
+    Examples:
         >>> dls = DataLoaders.from_tensors(*fashion_mnist(), bs=64)  # doctest: +SKIP
     """
     return _load_mnist_like("FashionMNIST", root, flatten, normalize, download)
@@ -439,7 +439,7 @@ def digits(
         valid_pct: fraction held out for validation, in (0, 1). Default 0.2.
         seed: seed of the split. Default 42.
 
-    Example:
+    Examples:
         >>> data = digits()  # doctest: +SKIP
         >>> data.x_train.shape, data.x_valid.shape  # doctest: +SKIP
         (torch.Size([1438, 1, 8, 8]), torch.Size([359, 1, 8, 8]))

@@ -6,7 +6,7 @@ a callback that writes files can guard them with `if is_main_process():` and sta
 both settings. Before the process group is initialised, the rank and world size come from the
 environment variables that `torchrun` sets (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`).
 
-Example:
+Examples:
     >>> from learner.distributed import is_main_process, rank, world_size
     >>> if is_main_process():
     ...     torch.save(learn.model.state_dict(), "model.pt")  # doctest: +SKIP
@@ -91,7 +91,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """The element-wise sum of `t` over all processes (a new tensor); `t` itself without a
     process group of more than one process. Every process must call it, in the same order.
 
-    Example:
+    Examples:
         >>> all_reduce_sum(torch.tensor([1.0, 2.0]))  # one process
         tensor([1., 2.])
     """
@@ -108,7 +108,7 @@ def ranks_where(flag: bool) -> list[int]:
     decision (stop, skip) that all ranks follow, so none waits forever for the others. One
     collective per call; every process must call it, in the same order.
 
-    Example:
+    Examples:
         >>> if ranks_where(not torch.isfinite(learn.loss)):  # doctest: +SKIP
         ...     raise CancelFitException()  # on every rank together
     """

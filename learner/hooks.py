@@ -24,7 +24,7 @@ class Hook:
     `hook.stored` is an empty list for `fn` to keep what it records. Remove the hook with
     `remove()`, or use it as a context manager, which removes it however the block ends.
 
-    Example:
+    Examples:
         >>> with Hook(model[0], lambda h, m, i, o: h.stored.append(o.shape)) as hook:
         ...     model(xb)
         >>> hook.stored
@@ -56,7 +56,7 @@ class Hooks:
     """One `Hook` per module, all calling `fn`; iterable, indexable, and a context manager that
     removes every hook however the block ends.
 
-    Example:
+    Examples:
         >>> def keep_mean(hook, module, inputs, output):
         ...     hook.stored.append(output.mean())
         >>> with Hooks(find_modules(model, nn.ReLU), keep_mean) as hooks:
@@ -103,7 +103,7 @@ def find_modules(model: nn.Module, spec: ModuleSpec) -> list[nn.Module]:
             a name as in `model.named_modules()` (`"encoder.0"`), a module of `model`, or a list
             mixing these.
 
-    Example:
+    Examples:
         >>> find_modules(model, nn.ReLU)
         >>> find_modules(model, ["0", "2"])
     """

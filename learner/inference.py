@@ -77,7 +77,7 @@ def get_preds(
     Returns:
         `preds`, or a tuple `(preds, targets)`, `(preds, losses)` or `(preds, targets, losses)`.
 
-    Example:
+    Examples:
         >>> preds, targets = learn.get_preds()
         >>> (preds.argmax(1) == targets).float().mean()
     """
@@ -143,7 +143,7 @@ def infer(learn: BaseLearner, x: torch.Tensor) -> Any:
     needed. Call it as `learn.infer(x)`. (fastai calls this `learn.predict(item)`; here
     `predict` is the training step, as in the course's miniai.)
 
-    Example:
+    Examples:
         >>> learn.infer(x_valid[0]).argmax()  # one item
         >>> learn.infer(x_valid[:8]).shape    # one batch
     """

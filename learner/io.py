@@ -28,7 +28,7 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     Returns:
         The path written, as a `Path`.
 
-    Example:
+    Examples:
         >>> atomic_save(model.state_dict(), "best.pt")
         >>> model.load_state_dict(torch.load("best.pt", weights_only=True))
     """

@@ -44,7 +44,7 @@ class Learner(BaseLearner):
         default_cbs: add `TrainEvalCB, DeviceCB, MetricsCB, RecorderCB, ProgressCB` (and
             `DistributedCB` under torchrun).
 
-    Example:
+    Examples:
         >>> learn = Learner(model, dls, F.cross_entropy, lr=0.1, opt_func=torch.optim.SGD,
         ...                 metrics=accuracy)
         >>> learn.fit(5)

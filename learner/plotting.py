@@ -17,7 +17,7 @@ def new_figure(
     The figure is closed in pyplot right away: a notebook shows the returned Figure once (not a
     second time at the end of the cell), and scripts that make many plots do not pile them up.
 
-    Example:
+    Examples:
         >>> fig, (ax,) = new_figure()
         >>> ax.plot([1, 2, 3]); fig.savefig("line.png")  # doctest: +SKIP
     """

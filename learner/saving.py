@@ -231,7 +231,7 @@ def load(learn: BaseLearner, path: StrPath, with_opt: bool = True) -> dict[str, 
     Everything is checked before anything is assigned, so a bad file leaves `learn` unchanged.
     An optimizer is created first if the learner has none yet. Returns the checkpoint.
 
-    Example:
+    Examples:
         >>> learn.save("model.pt")
         >>> learn.load("model.pt")  # the weights and the optimizer of that moment
     """

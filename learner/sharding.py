@@ -39,7 +39,7 @@ class TensorLoaderShard:
     not fill a global batch is dropped instead. With `pad=False` (validation) ranks may hold one
     sample, and so one batch, more than others: nothing synchronises inside a validation phase.
 
-    Example:
+    Examples:
         >>> x, y = torch.arange(10.0).unsqueeze(1), torch.arange(10)
         >>> [yb.tolist() for _, yb in TensorLoaderShard(TensorLoader(x, y, bs=2), 1, 2)]
         [[1, 3], [5, 7], [9, 1]]

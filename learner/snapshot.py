@@ -37,7 +37,7 @@ def kept_state(
     buffers and gradients, even if the block moved or cast them (the very same tensor objects are
     put back). With `opt`: also the optimizer's state.
 
-    Example:
+    Examples:
         >>> with kept_state(learn, rng=True):
         ...     batch = next(iter(learn.dls.train))  # the shuffle's random numbers come back
     """

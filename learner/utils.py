@@ -30,7 +30,7 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
     """Move every tensor in `obj` to `device`, through tuples, lists, dicts, namedtuples and
     dataclasses; other leaves are returned as they are.
 
-    Example:
+    Examples:
         >>> to_device({"x": torch.ones(2), "n": 3}, "cpu")
         {'x': tensor([1., 1.]), 'n': 3}
     """
@@ -83,7 +83,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def snake(name: str) -> str:
     """`RecorderCB` -> `recorder_cb`: CamelCase to snake_case.
 
-    Example:
+    Examples:
         >>> snake("MulticlassAccuracy")
         'multiclass_accuracy'
     """

@@ -49,7 +49,7 @@ class ActivationStatsCB(Callback):
     Events: `before_fit`, `before_batch`, `after_batch`, `cleanup_batch`, `after_epoch`,
     `cleanup_fit`. Order: 0.
 
-    Example:
+    Examples:
         >>> stats = ActivationStatsCB(nn.ReLU)
         >>> learn.fit(1, cbs=[stats])
         >>> stats.plot_stats().savefig("stats.png")

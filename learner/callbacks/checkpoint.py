@@ -51,7 +51,7 @@ class CheckpointCB(Callback):
         every_n_batches: write after every n-th training batch of the fit; None: never.
         keep_last: how many checkpoints to keep, >= 1. Default 1.
 
-    Example:
+    Examples:
         >>> learn.fit(10, cbs=[CheckpointCB("run/ckpt.pt", every_n_batches=500)])
         >>> # the process dies; later, in a new one, with the same setup:
         >>> learn.fit(10, cbs=[CheckpointCB("run/ckpt.pt", every_n_batches=500)],

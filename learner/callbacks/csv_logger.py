@@ -39,7 +39,7 @@ class CSVLoggerCB(Callback):
     Events: `before_fit`, `before_epoch`, `cleanup_epoch`. Order: -4 (just after RecorderCB,
     which makes the row).
 
-    Example:
+    Examples:
         >>> learn.fit(3, cbs=[CSVLoggerCB("runs/history.csv")])
         >>> # later, resuming:
         >>> learn.fit(2, cbs=[CSVLoggerCB("runs/history.csv", append=True)])

@@ -47,7 +47,7 @@ class DeviceCB(Callback):
     Args:
         device: where to train; `None` picks cuda, then mps, then cpu.
 
-    Example:
+    Examples:
         >>> learn = Learner(model, dls, F.cross_entropy, cbs=[DeviceCB("cpu")])
     """
 

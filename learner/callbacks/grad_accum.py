@@ -46,7 +46,7 @@ class GradAccumCB(Callback):
     Args:
         n_batches: batches per optimizer step, >= 1.
 
-    Example:
+    Examples:
         >>> # batches of 16, stepped as batches of 64
         >>> learn = Learner(model, dls, F.cross_entropy, cbs=[GradAccumCB(4)])
         >>> learn.fit(1)

@@ -29,7 +29,7 @@ class GradClipCB(Callback):
         max_norm: largest allowed total norm, > 0.
         norm_type: the p of the p-norm (`float("inf")` for the largest absolute value).
 
-    Example:
+    Examples:
         >>> learn = Learner(model, dls, F.cross_entropy, cbs=[GradClipCB(max_norm=1.0)])
         >>> learn.fit(1)
         >>> learn.grad_clip.total_norm

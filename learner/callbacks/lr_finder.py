@@ -62,7 +62,7 @@ def valley(lrs: Sequence[float], losses: Sequence[float]) -> float | None:
     divergence. Points with a non-finite lr or loss are dropped first; with fewer than
     `MIN_POINTS` left, it warns and returns None.
 
-    Example:
+    Examples:
         >>> lrs = [10 ** (i / 10 - 7) for i in range(80)]
         >>> losses = [2.0] * 20 + [2.0 - 0.03 * i for i in range(40)] + [1.0 + i for i in range(20)]
         >>> valley(lrs, losses) == lrs[39]
@@ -88,7 +88,7 @@ def steep(lrs: Sequence[float], losses: Sequence[float]) -> float | None:
     the suggestion is the lr with the most negative slope. Points with a non-finite lr or loss
     are dropped first; with fewer than `MIN_POINTS` left, it warns and returns None.
 
-    Example:
+    Examples:
         >>> lrs = [10 ** (i / 10 - 7) for i in range(60)]
         >>> losses = [-math.tanh(i - 30) for i in range(60)]  # steepest at i = 30
         >>> steep(lrs, losses) == lrs[30]
@@ -164,7 +164,7 @@ class LRFinderCB(Callback):
     learning rate wins over
     any scheduler's; it stops the fit after every other callback has seen the batch).
 
-    Example:
+    Examples:
         >>> finder = LRFinderCB(num_it=50)  # usually: learn.lr_find(num_it=50)
     """
 
@@ -294,7 +294,7 @@ def lr_find(
             runs all `num_it` batches unless the loss becomes non-finite. Default 4.
         suggest: `f(lrs, losses) -> lr or None`. Default `valley`.
 
-    Example:
+    Examples:
         >>> lrs, losses, suggestion = learn.lr_find()
         >>> learn.lr_find().plot().savefig("lr_find.png")
         >>> learn.fit_one_cycle(3, lr_max=suggestion)

@@ -19,7 +19,7 @@ __all__ = ["MetricsCB", "accuracy", "epoch_summary"]
 def accuracy(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Fraction of rows of `preds` whose argmax equals `targets` (a batch mean).
 
-    Example:
+    Examples:
         >>> accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
         tensor(0.5000)
     """
@@ -81,7 +81,7 @@ class MetricsCB(Callback):
     Events: `before_fit`, `before_epoch`, `before_train`, `before_validate`, `after_batch`,
     `after_train`, `after_validate`, `cleanup_train`, `cleanup_validate`. Order: -10.
 
-    Example:
+    Examples:
         >>> from torcheval.metrics import MulticlassAccuracy
         >>> cbs = [MetricsCB(accuracy, top1=MulticlassAccuracy())]
         >>> Learner(model, dls, F.cross_entropy, cbs=cbs).fit(1)

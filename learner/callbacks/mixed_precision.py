@@ -71,7 +71,7 @@ class MixedPrecisionCB(Callback):
             needs one too); `False` never; or a `torch.amp.GradScaler` of your own (any object
             with its `scale`, `unscale_`, `step`, `update`, `state_dict`, `load_state_dict`).
 
-    Example:
+    Examples:
         >>> learn = Learner(model, dls, F.cross_entropy, cbs=[MixedPrecisionCB()])
         >>> learn.fit(1)  # bfloat16 on a CPU, float16 with a GradScaler on a GPU
     """

@@ -67,7 +67,7 @@ class DistributedCB(Callback):
             torch's default.
         ddp_kwargs: passed to `DistributedDataParallel`, e.g. `{"find_unused_parameters": True}`.
 
-    Example:
+    Examples:
         >>> # torchrun --nproc_per_node=2 train.py, with train.py containing:
         >>> learn = Learner(model, dls, F.cross_entropy, metrics=accuracy)  # DistributedCB added
         >>> learn.fit(3)

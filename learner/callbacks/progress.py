@@ -43,7 +43,7 @@ class ProgressCB(Callback):
     Events: `before_fit`, `before_train`, `before_validate`, `after_batch`, `after_epoch`,
     `cleanup_fit`. Order: 50 (after the callbacks that compute what it shows).
 
-    Example:
+    Examples:
         >>> learn.fit(3, cbs=[ProgressCB(plot=True)])
     """
 

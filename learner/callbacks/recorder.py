@@ -41,7 +41,7 @@ class RecorderCB(Callback):
     Events: `after_batch`, `after_train`, `after_epoch`. Order: -5 (after MetricsCB, before
     callbacks that read the history).
 
-    Example:
+    Examples:
         >>> learn.fit(3)
         >>> learn.recorder.history[-1]["valid_loss"]
         >>> learn.recorder.plot_loss().savefig("loss.png")

@@ -35,7 +35,7 @@ Schedule = Callable[[float], float]
 def sched_lin(start: float, end: float) -> Schedule:
     """Linear from `start` (pos 0) to `end` (pos 1).
 
-    Example:
+    Examples:
         >>> sched_lin(1.0, 3.0)(0.5)
         2.0
     """
@@ -45,7 +45,7 @@ def sched_lin(start: float, end: float) -> Schedule:
 def sched_cos(start: float, end: float) -> Schedule:
     """Cosine annealing from `start` to `end`: flat at both ends, steepest in the middle.
 
-    Example:
+    Examples:
         >>> sched_cos(1.0, 3.0)(0.5)
         2.0
     """
@@ -55,7 +55,7 @@ def sched_cos(start: float, end: float) -> Schedule:
 def sched_exp(start: float, end: float) -> Schedule:
     """Exponential from `start` to `end` (linear on a log scale; both must be > 0).
 
-    Example:
+    Examples:
         >>> sched_exp(1e-4, 1e-2)(0.5)
         0.001
     """
@@ -67,7 +67,7 @@ def sched_exp(start: float, end: float) -> Schedule:
 def sched_no(start: float, end: float) -> Schedule:
     """Constant `start` (`end` is ignored): a flat phase in `combine_scheds`.
 
-    Example:
+    Examples:
         >>> sched_no(1.0, 3.0)(0.9)
         1.0
     """
@@ -80,7 +80,7 @@ def combine_scheds(pcts: Sequence[float], scheds: Sequence[Schedule]) -> Schedul
     Each phase sees its own progress from 0 to 1. The fractions must be >= 0 and sum to 1; a
     phase of 0 is skipped.
 
-    Example:
+    Examples:
         >>> warmup = combine_scheds([0.25, 0.75], [sched_lin(0.0, 1.0), sched_cos(1.0, 0.0)])
         >>> warmup(0.125), warmup(0.25)
         (0.5, 1.0)
@@ -110,7 +110,7 @@ def combine_scheds(pcts: Sequence[float], scheds: Sequence[Schedule]) -> Schedul
 def combined_cos(pct: float, start: float, middle: float, end: float) -> Schedule:
     """Cosine from `start` to `middle` over the fraction `pct` of training, then to `end`.
 
-    Example:
+    Examples:
         >>> combined_cos(0.25, 1.0, 2.0, 0.0)(0.25)
         2.0
     """
@@ -200,7 +200,7 @@ class ParamSchedulerCB(Callback):
     Args:
         scheds: hyper-parameter name -> schedule, e.g. `{"lr": sched_cos(1e-2, 1e-5)}`.
 
-    Example:
+    Examples:
         >>> warmup_cos = combine_scheds([0.1, 0.9], [sched_lin(1e-4, 1e-2), sched_cos(1e-2, 0)])
         >>> learn.fit(5, cbs=[ParamSchedulerCB({"lr": warmup_cos})])
         >>> learn.recorder.plot_lr()
@@ -280,7 +280,7 @@ class LRSchedulerCB(Callback):
         interval: "batch" or "epoch". Default "batch".
         monitor: history key for `ReduceLROnPlateau`. Default "valid_loss".
 
-    Example:
+    Examples:
         >>> from torch.optim.lr_scheduler import OneCycleLR
         >>> sched = lambda opt: OneCycleLR(opt, max_lr=1e-2, total_steps=3 * len(dls.train))
         >>> learn.fit(3, cbs=[LRSchedulerCB(sched)])
@@ -406,7 +406,7 @@ def fit_one_cycle(
             optimizers with no momentum). Default (0.95, 0.85, 0.95).
         cbs: more callbacks for this fit.
 
-    Example:
+    Examples:
         >>> learn.fit_one_cycle(3, lr_max=1e-2)
         >>> learn.recorder.plot_lr()
     """

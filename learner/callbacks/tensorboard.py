@@ -49,7 +49,7 @@ class TensorBoardCB(Callback):
     Events: `before_fit`, `before_epoch`, `after_batch`, `after_epoch`, `cleanup_fit`.
     Order: -4 (just after RecorderCB, whose values it writes).
 
-    Example:
+    Examples:
         >>> learn.fit(3, cbs=[TensorBoardCB("runs/mnist")])
         >>> # then: tensorboard --logdir runs
     """

@@ -33,7 +33,7 @@ class Monitor:
         mode: "min" (lower is better) or "max".
         min_delta: how much better a value must be to count as an improvement (>= 0).
 
-    Example:
+    Examples:
         >>> m = Monitor("accuracy", mode="max", min_delta=0.001)
         >>> m.better(0.95, best=0.9495), m.better(0.952, best=0.95)
         (False, True)
@@ -118,7 +118,7 @@ class EarlyStoppingCB(Callback):
         patience: epochs without improvement before stopping (0 stops at the first). Default 3.
         min_delta: smallest change that counts as an improvement. Default 0.
 
-    Example:
+    Examples:
         >>> learn.fit(50, cbs=[EarlyStoppingCB("accuracy", mode="max", patience=2)])
         >>> learn.early_stopping.reason  # while the callback is in learn.cbs
     """
@@ -204,7 +204,7 @@ class SaveBestCB(Callback):
         min_delta: smallest change that counts as an improvement. Default 0.
         load_best: load the best weights at the end of fit. Default False.
 
-    Example:
+    Examples:
         >>> cbs = [SaveBestCB("models/best.pt", "accuracy", mode="max", load_best=True),
         ...        EarlyStoppingCB("accuracy", mode="max", patience=3)]
         >>> learn.fit(50, cbs=cbs)
@@ -269,7 +269,7 @@ class TerminateOnNaNCB(Callback):
 
     Events: `before_fit`, `after_loss`. Order: 60 (after callbacks that change the loss).
 
-    Example:
+    Examples:
         >>> learn.fit(10, cbs=[TerminateOnNaNCB()])
     """
 

@@ -20,7 +20,7 @@ class TrainEvalCB(Callback):
 
     Events: `before_fit`, `before_train`, `before_validate`, `cleanup_fit`. Order: -30.
 
-    Example:
+    Examples:
         >>> model[1].eval()  # a frozen BatchNorm stays frozen while the rest trains
         >>> Learner(model, dls, F.mse_loss).fit(1)
     """
