@@ -8,6 +8,7 @@ imports only leaf helpers: `learner.Learner` (learner/learner.py) adds the defau
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -28,6 +29,7 @@ from learner.utils import snake
 
 __all__ = [
     "EVENTS",
+    "STEPS",
     "BaseLearner",
     "Callback",
     "CancelBatchException",
@@ -89,6 +91,10 @@ _LEVELS = {
 }
 _CLEANUPS = frozenset(e for e in EVENTS if e.startswith("cleanup_"))
 
+# The training steps of a batch: methods of the Learner that a subclass may override, or that a
+# callback may provide (`def predict(self, learn): ...`, the course's TrainCB).
+STEPS = ("predict", "get_loss", "backward", "step", "zero_grad")
+
 
 class Callback:
     """Base class for callbacks: implement any of `EVENTS` as `def event(self, learn): ...`.
@@ -97,12 +103,16 @@ class Callback:
     callbacks' orders and the constraints between them are in `learner.callbacks.order`). A
     callback is reachable as `learn.<name>`, its class name in snake case without the `CB` suffix.
 
+    A callback may also provide a training step (`STEPS`): `def predict(self, learn): ...` runs
+    instead of the learner's own `predict` while the callback is added (as the course's
+    `TrainCB`). Two callbacks providing the same step are an error.
+
     A callback with state that a resumed run needs (counters, accumulators, positions) returns it
     from `state_dict()` as plain values and tensors, and takes it back in `load_state_dict()`; a
     checkpoint holds every non-empty one, by `name`. On `fit(resume_from=...)` each callback's
     `before_fit` runs as in a fresh fit, then the states are loaded (`learner.callbacks.resume`).
 
-    Example:
+    Examples:
         >>> class PrintLossCB(Callback):
         ...     order = 10
         ...     def after_batch(self, learn):
@@ -200,9 +210,9 @@ class BaseLearner:
         # accumulation) while `loss` stays the true loss.
         self.loss_grad: torch.Tensor = self.loss
         self.run_train, self.run_valid = True, True
+        self._set_cbs([])
         for cb in as_cbs(cbs):
             self.add_cb(cb)
-        self._build_handlers()
 
     # -- callbacks -------------------------------------------------------------------------------
 
@@ -210,43 +220,59 @@ class BaseLearner:
         """Add `cb`; it replaces a callback of its own class. Returns the callback it replaced."""
         (cb,) = as_cbs(cb)
         old = next((c for c in self.cbs if isinstance(cb, type(c))), None)
-        if old is None:
-            self.cbs.append(cb)
-        else:
-            self.cbs[self.cbs.index(old)] = cb
-        self._build_handlers()
+        cbs = [*self.cbs, cb] if old is None else [cb if c is old else c for c in self.cbs]
+        self._set_cbs(cbs)
         return old
 
     def remove_cb(self, cb: Callback) -> None:
         """Remove `cb` (an instance in `learn.cbs`)."""
-        self.cbs.remove(cb)
-        self._build_handlers()
+        if cb not in self.cbs:
+            raise ValueError(f"remove_cb: {cb!r} is not in learn.cbs.")
+        self._set_cbs([c for c in self.cbs if c is not cb])
 
     @contextmanager
     def removed_cbs(self, cbs: Callback | Iterable[Callback]) -> Iterator[None]:
         """Within the `with` block, the learner runs without `cbs`; afterwards `learn.cbs` is the
         same list as before, in the same order.
 
-        Example:
+        Examples:
             >>> with learn.removed_cbs(learn.progress):
             ...     learn.fit(1)  # no progress bars
         """
-        saved = list(self.cbs)
-        for cb in as_cbs(cbs):
-            self.cbs.remove(cb)
-        self._build_handlers()
+        saved, removed = list(self.cbs), as_cbs(cbs)
+        missing = [cb for cb in removed if cb not in saved]
+        if missing:
+            raise ValueError(f"removed_cbs: {missing} not in learn.cbs.")
+        self._set_cbs([cb for cb in saved if cb not in removed])
         try:
             yield
         finally:
-            self.cbs[:] = saved
-            self._build_handlers()
+            self._set_cbs(saved)
 
-    def _build_handlers(self) -> None:
-        # Sorted once per change, not once per event: dispatch is on the hot path.
-        cbs = sorted(self.cbs, key=lambda c: c.order)  # stable: ties keep insertion order
-        self._handlers = {
-            e: [(c, getattr(c, e)) for c in cbs if callable(getattr(c, e, None))] for e in EVENTS
+    def _set_cbs(self, cbs: list[Callback]) -> None:
+        # Everything is resolved once per change, not once per event: dispatch is on the hot path.
+        ordered = sorted(cbs, key=lambda c: c.order)  # stable: ties keep insertion order
+        handlers = {
+            e: [(c, getattr(c, e)) for c in ordered if callable(getattr(c, e, None))]
+            for e in EVENTS
         }
+        steps = {s: [c for c in ordered if callable(getattr(c, s, None))] for s in STEPS}
+        for step, providers in steps.items():
+            if len(providers) > 1:
+                names = " and ".join(type(c).__name__ for c in providers)
+                raise ValueError(
+                    f"{names} both provide the training step {step!r}; only one callback may. "
+                    "Remove one, or combine them into one callback."
+                )
+        self.cbs[:] = cbs
+        self._handlers = handlers
+        # A provided step shadows the learner's method on the instance, so that every caller
+        # (the loop, infer, a callback calling learn.zero_grad()) runs the provided one.
+        for step, providers in steps.items():
+            if providers:
+                setattr(self, step, functools.partial(getattr(providers[0], step), self))
+            else:
+                vars(self).pop(step, None)
 
     def callbacks_at(self, event: str) -> list[Callback]:
         """The callbacks that run at `event`, in the order they run."""
@@ -312,8 +338,10 @@ class BaseLearner:
                 "optimizer to train. Unfreeze some, or call fit(train=False)."
             )
 
-        replaced = [(cb, self.add_cb(cb)) for cb in cbs]
+        saved = list(self.cbs)
         try:
+            for cb in cbs:
+                self.add_cb(cb)
             if train and self.opt is None:
                 self.opt = self.opt_func(self.model.parameters(), lr=lr or self.lr)
             if lr is not None:
@@ -324,13 +352,7 @@ class BaseLearner:
             self.n_epochs, self.run_train, self.run_valid = n_epochs, train, valid
             self._with("fit", self._do_epochs, CancelFitException)
         finally:
-            for cb, old in reversed(replaced):
-                if cb in self.cbs:
-                    if old is None:
-                        self.cbs.remove(cb)
-                    else:
-                        self.cbs[self.cbs.index(cb)] = old
-            self._build_handlers()
+            self._set_cbs(saved)
 
     def _with(self, level: str, body: Callable[[], None], cancel: type[Exception]) -> None:
         # The one place that defines event semantics: before_, body, after_; a cancel of this
