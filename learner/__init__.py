@@ -2,6 +2,7 @@
 
 from learner.callbacks import (
     ActivationStatsCB,
+    BatchTransformCB,
     CheckpointCB,
     CSVLoggerCB,
     DeviceCB,
@@ -36,6 +37,7 @@ from learner.callbacks import (
     sched_no,
     set_hyper,
     steep,
+    tfm_batch,
     valley,
 )
 from learner.core import (
@@ -51,15 +53,18 @@ from learner.core import (
 )
 from learner.data import DataLoaders, TensorLoader
 from learner.hooks import Hook, Hooks, find_modules
+from learner.inference import CapturePredsCB
 from learner.io import atomic_save
 from learner.learner import Learner
+from learner.rng import set_seed
 from learner.sharding import TensorLoaderShard
-from learner.utils import to_device
+from learner.utils import to_cpu, to_device
 
 __all__ = [
     "EVENTS",
     "ActivationStatsCB",
     "BaseLearner",
+    "BatchTransformCB",
     "CSVLoggerCB",
     "Callback",
     "CancelBatchException",
@@ -68,6 +73,7 @@ __all__ = [
     "CancelStepException",
     "CancelTrainException",
     "CancelValidateException",
+    "CapturePredsCB",
     "CheckpointCB",
     "DataLoaders",
     "DeviceCB",
@@ -108,7 +114,10 @@ __all__ = [
     "sched_lin",
     "sched_no",
     "set_hyper",
+    "set_seed",
     "steep",
+    "tfm_batch",
+    "to_cpu",
     "to_device",
     "valley",
 ]

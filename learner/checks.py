@@ -21,6 +21,7 @@ __all__ = [
     "check_not_empty",
     "check_number",
     "describe",
+    "param_groups",
 ]
 
 _EVENT_LIKE = re.compile(r"^(before|after|cleanup)_")
@@ -113,3 +114,16 @@ def check_not_empty(dl: Any, name: str) -> None:
         raise ValueError(
             f"{name} is empty (len 0): check its dataset size, batch size and drop_last."
         )
+
+
+def param_groups(opt: Any, owner: str) -> list[dict[str, Any]]:
+    """`opt.param_groups`, or a TypeError naming `owner`, which needs them: a hand-written
+    optimizer (the course's `SGD` class) trains, but has no param groups to set values in."""
+    groups = getattr(opt, "param_groups", None)
+    if not isinstance(groups, list):
+        raise TypeError(
+            f"{owner} sets hyper-parameters in the optimizer's param_groups, but "
+            f"{type(opt).__name__} has none (a hand-written optimizer?). Use a torch.optim "
+            "optimizer, or give yours a param_groups list of dicts with 'params' and 'lr'."
+        )
+    return groups

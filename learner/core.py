@@ -25,7 +25,7 @@ from learner.checks import (
     check_not_empty,
     describe,
 )
-from learner.utils import snake
+from learner.utils import set_lr, snake
 
 __all__ = [
     "EVENTS",
@@ -121,9 +121,13 @@ class Callback:
     """
 
     order: int = 0
-    in_lr_find: ClassVar[bool] = True
-    """Whether `lr_find`'s sweep runs a copy of this callback. False for callbacks that record,
-    log, write files or watch validation results: the sweep is not part of the run."""
+    unique: ClassVar[bool] = True
+    """Whether adding a callback of this class replaces one already added (so a `DeviceCB` of
+    yours replaces the default one). False for callbacks that stack, such as `BatchTransformCB`."""
+    in_side_runs: ClassVar[bool] = True
+    """Whether runs that are not part of training (`lr_find`'s sweep, `capture_preds`) use a copy
+    of this callback. False for callbacks that record, log, write files, schedule or watch
+    validation results: a side run leaves them, and what they hold, alone."""
 
     @property
     def name(self) -> str:
@@ -174,9 +178,11 @@ class BaseLearner:
         model: the `nn.Module` to train.
         dls: an object with `.train` (and optionally `.valid`) iterables of `(x, y)` batches.
         loss_func: `loss_func(preds, targets)` returning the mean loss of a batch.
-        lr: learning rate for the optimizer created on the first `fit`.
+        lr: learning rate for the optimizer created on the first `fit`; None if it comes later
+            (`fit(lr=...)`, `lr_find()`, `fit_one_cycle(lr_max=...)`).
         cbs: callbacks to add (one, or an iterable); one of a class already added replaces it.
-        opt_func: optimizer factory, called as `opt_func(model.parameters(), lr=lr)`.
+        opt_func: optimizer factory, called as `opt_func(model.parameters(), lr=lr)`: a
+            torch optimizer, or any object with `step()` and `zero_grad()`.
     """
 
     def __init__(
@@ -184,19 +190,21 @@ class BaseLearner:
         model: nn.Module,
         dls: Any,
         loss_func: Callable[..., torch.Tensor],
-        lr: float = 1e-3,
+        lr: float | None = 1e-3,
         cbs: Callback | Iterable[Callback] | None = None,
-        opt_func: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
+        opt_func: Callable[..., Any] = torch.optim.AdamW,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         check_dls(dls)
-        check_lr(lr)
+        if lr is not None:
+            check_lr(lr)
         if not callable(loss_func):
             raise TypeError(f"loss_func must be callable, got {type(loss_func).__name__}.")
         self.model, self.dls, self.loss_func, self.opt_func = model, dls, loss_func, opt_func
         self.lr = lr
-        self.opt: torch.optim.Optimizer | None = None
+        # A torch optimizer, or any object with step() and zero_grad() (the course's SGD class).
+        self.opt: Any = None
         self.cbs: list[Callback] = []
         self._handlers: dict[str, list[tuple[Callback, Callable[[BaseLearner], None]]]] = {}
         self.epoch, self.n_epochs, self.iter, self.training = 0, 0, 0, False
@@ -217,9 +225,10 @@ class BaseLearner:
     # -- callbacks -------------------------------------------------------------------------------
 
     def add_cb(self, cb: Callback) -> Callback | None:
-        """Add `cb`; it replaces a callback of its own class. Returns the callback it replaced."""
+        """Add `cb`; it replaces a callback of its own class (unless `cb.unique` is False). Returns
+        the callback it replaced."""
         (cb,) = as_cbs(cb)
-        old = next((c for c in self.cbs if isinstance(cb, type(c))), None)
+        old = next((c for c in self.cbs if cb.unique and isinstance(cb, type(c))), None)
         cbs = [*self.cbs, cb] if old is None else [cb if c is old else c for c in self.cbs]
         self._set_cbs(cbs)
         return old
@@ -337,6 +346,11 @@ class BaseLearner:
                 "The model has no trainable parameters, so there is nothing for the "
                 "optimizer to train. Unfreeze some, or call fit(train=False)."
             )
+        if train and self.opt is None and lr is None and self.lr is None:
+            raise ValueError(
+                "No learning rate: the Learner was made with lr=None and fit got none. Pass "
+                "fit(n, lr=...), or run lr_find() or fit_one_cycle(n, lr_max=...)."
+            )
 
         saved = list(self.cbs)
         try:
@@ -347,8 +361,7 @@ class BaseLearner:
             if lr is not None:
                 self.lr = lr
                 if self.opt is not None:
-                    for group in self.opt.param_groups:
-                        group["lr"] = lr
+                    set_lr(self.opt, lr)
             self.n_epochs, self.run_train, self.run_valid = n_epochs, train, valid
             self._with("fit", self._do_epochs, CancelFitException)
         finally:

@@ -1,5 +1,7 @@
 """Predictions outside training: `learn.get_preds()` over a loader, `learn.infer(x)` for one
-batch or one item. Neither fires events, so no callback runs and nothing is recorded.
+batch or one item: neither fires events, so no callback runs and nothing is recorded. And
+`learn.capture_preds(cbs=...)`, the course's way: a validation pass that fires events, with
+extra callbacks (test-time augmentation by a `BatchTransformCB`).
 
 Both run the learner's training step `predict` (so a subclass's forward pass is used) in eval
 mode under `torch.inference_mode()`: overriding the step changes inference and cannot break it.
@@ -7,18 +9,19 @@ mode under `torch.inference_mode()`: overriding the step changes inference and c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from learner.core import BaseLearner
+from learner.callbacks.order import ORDERS
+from learner.core import BaseLearner, Callback, as_cbs
 from learner.rng import rng_state, set_rng_state
-from learner.snapshot import kept_state
-from learner.utils import model_device, to_device
+from learner.snapshot import kept_state, side_run
+from learner.utils import model_device, to_cpu, to_device
 
-__all__ = ["get_preds", "infer"]
+__all__ = ["CapturePredsCB", "capture_preds", "get_preds", "infer"]
 
 
 @contextmanager
@@ -161,3 +164,70 @@ def infer(learn: BaseLearner, x: torch.Tensor) -> Any:
         learn.predict()
         preds = learn.preds
     return preds[0] if single else preds
+
+
+class CapturePredsCB(Callback):
+    """Keeps the predictions and targets of every batch, on the CPU (the course's CapturePreds).
+
+    After the fit, `all_preds` and `all_targs` are the concatenated tensors. Used by
+    `capture_preds`; usable in any fit.
+
+    Events: `before_fit`, `after_batch`, `after_fit`. Order: 80 (after the callbacks that change
+    the predictions).
+
+    Examples:
+        >>> cp = CapturePredsCB()
+        >>> learn.fit(1, train=False, cbs=cp)
+        >>> cp.all_preds.shape
+    """
+
+    order = ORDERS["CapturePredsCB"]
+    in_side_runs = False
+
+    def __init__(self) -> None:
+        self.all_preds: Any = []
+        self.all_targs: Any = []
+
+    def before_fit(self, learn: BaseLearner) -> None:
+        self.all_preds, self.all_targs = [], []
+
+    def after_batch(self, learn: BaseLearner) -> None:
+        self.all_preds.append(to_cpu(learn.preds))
+        self.all_targs.append(to_cpu(learn.batch[1]))
+
+    def after_fit(self, learn: BaseLearner) -> None:
+        if self.all_preds:
+            self.all_preds, self.all_targs = _cat(self.all_preds), _cat(self.all_targs)
+
+
+def capture_preds(
+    learn: BaseLearner, cbs: Callback | Iterable[Callback] | None = None
+) -> tuple[Any, Any]:
+    """Predictions and targets over `dls.valid` from a validation pass that fires events, with
+    the callbacks `cbs` added for it (the course's `capture_preds`).
+
+    Unlike `get_preds`, the learner's callbacks that take part in side runs
+    (`Callback.in_side_runs`: device, train/eval, batch transforms, mixed precision, your own)
+    run, as copies, with `cbs`; the recorder, the metrics and the loggers sit it out, so the run
+    records nothing, and the learner's state and random states are put back afterwards. So a
+    `BatchTransformCB` in `cbs` gives test-time augmentation.
+
+    Args:
+        learn: the Learner.
+        cbs: callbacks for this pass (one, or an iterable).
+
+    Returns:
+        `(preds, targets)`, on the CPU.
+
+    Examples:
+        >>> preds, targs = learn.capture_preds()
+        >>> flip = BatchTransformCB(partial(tfm_batch, tfm_x=torch.fliplr))
+        >>> preds_flip, _ = learn.capture_preds(cbs=flip)
+        >>> ((preds + preds_flip) / 2).argmax(1)  # averaged over the two views
+    """
+    if getattr(learn.dls, "valid", None) is None:
+        raise ValueError("capture_preds runs over dls.valid, and dls has no validation loader.")
+    capture = CapturePredsCB()
+    with side_run(learn, weights=False) as copies:
+        learn.fit(1, train=False, cbs=[*copies, *as_cbs(cbs), capture])
+    return capture.all_preds, capture.all_targs

@@ -19,7 +19,7 @@ from learner.callbacks.lr_finder import lr_find
 from learner.callbacks.resume import ResumeCB
 from learner.callbacks.schedule import fit_one_cycle
 from learner.core import BaseLearner, Callback, as_cbs
-from learner.inference import get_preds, infer
+from learner.inference import capture_preds, get_preds, infer
 from learner.inspect import show_training_loop, summary
 from learner.saving import load, save
 
@@ -37,9 +37,11 @@ class Learner(BaseLearner):
         dls: an object with `.train` (and optionally `.valid`) iterables of `(x, y)` batches,
             such as `learner.DataLoaders`.
         loss_func: `loss_func(preds, targets)` returning the mean loss of a batch.
-        lr: learning rate for the optimizer created on the first `fit`.
+        lr: learning rate for the optimizer created on the first `fit`; None if it comes later
+            (`fit(lr=...)`, `lr_find()`, `fit_one_cycle(lr_max=...)`).
         cbs: callbacks to add, one or an iterable (one of a default callback's class replaces it).
-        opt_func: optimizer factory, called as `opt_func(model.parameters(), lr=lr)`.
+        opt_func: optimizer factory, called as `opt_func(model.parameters(), lr=lr)`: a
+            torch optimizer, or any object with `step()` and `zero_grad()` (the course's `SGD`).
         metrics: handed to the default `MetricsCB`: one metric, a list, or a dict name -> metric.
         default_cbs: add `TrainEvalCB, DeviceCB, MetricsCB, RecorderCB, ProgressCB` (and
             `DistributedCB` under torchrun).
@@ -56,9 +58,9 @@ class Learner(BaseLearner):
         model: nn.Module,
         dls: Any,
         loss_func: Callable[..., torch.Tensor],
-        lr: float = 1e-3,
+        lr: float | None = 1e-3,
         cbs: Callback | Iterable[Callback] | None = None,
-        opt_func: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
+        opt_func: Callable[..., Any] = torch.optim.AdamW,
         metrics: Any = None,
         default_cbs: bool = True,
     ) -> None:
@@ -112,6 +114,7 @@ class Learner(BaseLearner):
     save = save
     load = load
     get_preds = get_preds
+    capture_preds = capture_preds
     infer = infer
     summary = summary
     show_training_loop = show_training_loop

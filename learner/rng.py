@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["rng_state", "set_rng_state"]
+__all__ = ["rng_state", "set_rng_state", "set_seed"]
 
 
 def _generators(dls: Any) -> list[torch.Generator]:
@@ -59,3 +59,20 @@ def set_rng_state(dls: Any, state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     if "mps" in state and torch.backends.mps.is_available():
         torch.mps.set_rng_state(state["mps"])
+
+
+def set_seed(seed: int, deterministic: bool = False) -> None:
+    """Seed Python's, NumPy's and torch's generators (CUDA's too) with `seed`, as the course's
+    `set_seed` does; with `deterministic`, also make torch use deterministic algorithms only
+    (`torch.use_deterministic_algorithms`, process-wide: on CUDA some operations then need
+    `CUBLAS_WORKSPACE_CONFIG=:4096:8`, and those without a deterministic version raise).
+
+    Examples:
+        >>> set_seed(42)
+        >>> a = torch.rand(2); set_seed(42); torch.equal(a, torch.rand(2))
+        True
+    """
+    torch.use_deterministic_algorithms(deterministic)
+    torch.manual_seed(seed)  # every device's generator
+    random.seed(seed)
+    np.random.seed(seed)

@@ -105,6 +105,12 @@ def checkpoint(
     """
     if progress is None:
         progress = {"epoch": learn.epoch + 1 if learn.n_epochs else 0, "iter": 0}
+    if learn.opt is not None and not callable(getattr(learn.opt, "state_dict", None)):
+        raise TypeError(
+            f"A checkpoint holds the optimizer's state_dict(), and {type(learn.opt).__name__} "
+            "has none (a hand-written optimizer?): give it state_dict() and load_state_dict(), "
+            "or save the weights alone: torch.save(learn.model.state_dict(), path)."
+        )
     grads = {k: p.grad for k, p in _named_params(learn.model).items() if p.grad is not None}
     ckpt = {
         "format": FORMAT,

@@ -1,26 +1,30 @@
 """Doing something with a Learner that leaves no trace: one home for putting its state back.
 
-`get_preds`, `infer`, `summary` and `lr_find` run the model outside a training run; each does it
-inside `kept_state(learn)`, which restores the loop's state, every submodule's train/eval flag
-and, on request, the random states and the model's tensors and optimizer.
+`get_preds`, `infer`, `summary`, `lr_find` and `capture_preds` run the model outside a training
+run; each does it inside `kept_state(learn)`, which restores the loop's state, every submodule's
+train/eval flag and, on request, the random states and the model's tensors and optimizer. Those
+that fire events (`lr_find`, `capture_preds`) do it in a `side_run`, on copies of the callbacks
+that take part (`Callback.in_side_runs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
-from learner.core import BaseLearner
+from learner.core import BaseLearner, Callback
 from learner.rng import rng_state, set_rng_state
 from learner.utils import restore_training_flags, training_flags
 
-__all__ = ["LOOP_STATE", "kept_state"]
+__all__ = ["LOOP_STATE", "kept_state", "side_run"]
 
 LOOP_STATE = (
-    "epoch", "n_epochs", "iter", "training", "dl", "batch", "preds", "loss", "loss_grad",
+    "lr", "epoch", "n_epochs", "iter", "training", "dl", "batch", "preds", "loss", "loss_grad",
     "run_train", "run_valid", "start_epoch", "start_iter", "resuming",
 )  # fmt: skip
 """The documented loop state of `BaseLearner` that a fit changes (see its docstring)."""
@@ -76,3 +80,34 @@ def kept_state(
             setattr(learn, name, value)
         if rngs is not None:
             set_rng_state(learn.dls, rngs)
+
+
+@contextmanager
+def side_run(learn: BaseLearner, weights: bool = True) -> Iterator[list[Callback]]:
+    """A run that is not part of training: within the block the learner has no callbacks, and the
+    block gets copies of those that take part in side runs (`Callback.in_side_runs`) to pass to
+    `fit(cbs=...)`. Afterwards everything is as `kept_state(learn, rng=True, weights=weights,
+    opt=True)` puts it back, and `learn.cbs` is the same list: the callbacks (and the metric
+    objects) handed in were never touched, and those that sit side runs out saw nothing.
+
+    Examples:
+        >>> with side_run(learn) as cbs:
+        ...     learn.fit(1, cbs=[*cbs, LRFinderCB(repeat=True)], valid=False)
+    """
+    # Objects the callbacks share with the learner are kept, not copied, in the copies.
+    model = learn.model
+    shared: list[Any] = [learn, learn.dls, learn.opt, *model.modules()]
+    memo = {id(o): o for o in [*shared, *model.parameters(), *model.buffers()]}
+    copies = [_copy(cb, memo) for cb in learn.cbs if cb.in_side_runs]
+    with kept_state(learn, rng=True, weights=weights, opt=True), learn.removed_cbs(learn.cbs):
+        yield copies
+
+
+def _copy(cb: Callback, memo: dict[int, Any]) -> Callback:
+    """A copy of `cb`: its attributes deep-copied (those that cannot be, such as an open file,
+    shared), so that whatever a side run does to the copy, `cb` itself is untouched."""
+    new, memo = copy.copy(cb), dict(memo)
+    for name, value in vars(cb).items():
+        with contextlib.suppress(Exception):  # not copyable (an open file, a lock): shared
+            setattr(new, name, copy.deepcopy(value, memo))
+    return new

@@ -16,10 +16,13 @@ from torch import nn
 
 __all__ = [
     "batch_size",
+    "get_lr",
     "model_device",
     "move",
     "restore_training_flags",
+    "set_lr",
     "snake",
+    "to_cpu",
     "to_device",
     "training_flags",
     "unwrap_model",
@@ -110,3 +113,58 @@ def restore_training_flags(flags: list[tuple[nn.Module, bool]]) -> None:
     `.eval()` recurse into children, which may have had other flags)."""
     for m, training in flags:
         m.training = training
+
+
+def get_lr(opt: Any) -> float:
+    """The learning rate of the first param group, or `opt.lr` for a hand-written optimizer
+    without param groups (the course's `SGD`), or NaN if it has neither."""
+    groups = getattr(opt, "param_groups", None)
+    if groups:
+        return float(groups[0]["lr"])
+    lr = getattr(opt, "lr", None)
+    return float(lr) if isinstance(lr, (int, float, torch.Tensor)) else float("nan")
+
+
+def set_lr(opt: Any, lr: float) -> None:
+    """Set the learning rate of every param group, or `opt.lr` of a hand-written optimizer."""
+    groups = getattr(opt, "param_groups", None)
+    if groups is not None:
+        for group in groups:
+            group["lr"] = lr
+    elif hasattr(opt, "lr"):
+        opt.lr = lr
+    else:
+        raise TypeError(
+            f"Cannot set the learning rate of {type(opt).__name__}: it has neither param_groups "
+            "nor an lr attribute."
+        )
+
+
+def to_cpu(obj: Any) -> Any:
+    """Every tensor in `obj` detached and on the CPU, float16 and bfloat16 as float32, through
+    dicts, lists, tuples, namedtuples and dataclasses (as `to_device`); other leaves unchanged.
+
+    Examples:
+        >>> to_cpu({"preds": torch.ones(2, dtype=torch.float16, requires_grad=True)})
+        {'preds': tensor([1., 1.])}
+    """
+    moved = move(obj, torch.device("cpu"))
+    return _detach_float(moved)
+
+
+def _detach_float(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach()
+        return obj.float() if obj.dtype in (torch.float16, torch.bfloat16) else obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_detach_float(o) for o in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)([_detach_float(o) for o in obj])
+    if isinstance(obj, dict):
+        return type(obj)((k, _detach_float(v)) for k, v in obj.items())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = {
+            f.name: _detach_float(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init
+        }
+        return dataclasses.replace(obj, **fields)
+    return obj

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from learner.callbacks.activation_stats import ActivationStatsCB
+from learner.callbacks.batch_transform import BatchTransformCB, tfm_batch
 from learner.callbacks.checkpoint import CheckpointCB
 from learner.callbacks.csv_logger import CSVLoggerCB
 from learner.callbacks.device import DeviceCB, default_device
@@ -38,6 +39,7 @@ from learner.distributed import torchrun_env
 
 __all__ = [
     "ActivationStatsCB",
+    "BatchTransformCB",
     "CSVLoggerCB",
     "CheckpointCB",
     "DeviceCB",
@@ -73,6 +75,7 @@ __all__ = [
     "sched_no",
     "set_hyper",
     "steep",
+    "tfm_batch",
     "valley",
 ]
 

@@ -59,7 +59,7 @@ class CheckpointCB(Callback):
     """
 
     order = ORDERS["CheckpointCB"]
-    in_lr_find = False  # the sweep is not part of the run: it writes nothing
+    in_side_runs = False  # the sweep is not part of the run: it writes nothing
 
     def __init__(
         self,

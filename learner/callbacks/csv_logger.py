@@ -46,7 +46,7 @@ class CSVLoggerCB(Callback):
     """
 
     order = ORDERS["CSVLoggerCB"]
-    in_lr_find = False
+    in_side_runs = False
 
     def __init__(self, path: str | os.PathLike[str], append: bool = False) -> None:
         self.path, self.append = Path(path), append

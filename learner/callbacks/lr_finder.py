@@ -3,8 +3,7 @@ no trace on the Learner, and a suggested learning rate from its loss curve."""
 
 from __future__ import annotations
 
-import contextlib
-import copy
+import io
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -15,11 +14,11 @@ from matplotlib.figure import Figure
 from learner.callbacks.order import ORDERS
 from learner.callbacks.recorder import smooth
 from learner.callbacks.schedule import sched_exp, set_hyper
-from learner.checks import check_int, check_number
+from learner.checks import check_int, check_number, param_groups
 from learner.core import BaseLearner, Callback, CancelFitException
 from learner.distributed import is_distributed, ranks_where
 from learner.plotting import new_figure
-from learner.snapshot import kept_state
+from learner.snapshot import side_run
 
 __all__ = ["MIN_POINTS", "LRFindResult", "LRFinderCB", "lr_find", "steep", "valley"]
 
@@ -110,7 +109,8 @@ class LRFindResult(NamedTuple):
     """What `lr_find` returns: `lrs, losses, suggestion = learn.lr_find()`.
 
     `losses` are the raw training losses (a non-finite last one, if the run blew up, included);
-    `smoothed` is the curve the suggestion was read from; `plot()` draws it on a log-x axis.
+    `smoothed` is the curve the suggestion was read from; `plot()` draws it on a log-x axis, and
+    a notebook shows that plot when `learn.lr_find()` is the last line of a cell.
     """
 
     lrs: list[float]
@@ -143,6 +143,12 @@ class LRFindResult(NamedTuple):
         ax.set(xlabel="learning rate", ylabel="loss")
         ax.legend()
         return fig
+
+    def _repr_png_(self) -> bytes:
+        # A notebook shows the plot when `learn.lr_find()` ends a cell; a script prints nothing.
+        buf = io.BytesIO()
+        self.plot().savefig(buf, format="png")
+        return buf.getvalue()
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -194,6 +200,8 @@ class LRFinderCB(Callback):
         self.lr, self.avg, self.best = start_lr, 0.0, math.inf
 
     def before_fit(self, learn: BaseLearner) -> None:
+        if learn.run_train:
+            param_groups(learn.opt, "lr_find")
         self.lrs, self.losses = [], []
         self.lr, self.avg, self.best = self.start_lr, 0.0, math.inf
 
@@ -273,7 +281,7 @@ def lr_find(
     It leaves no trace, by design:
 
     - The sweep runs on copies of the learner's callbacks that take part in it (those with
-      `in_lr_find`, True by default: device placement, train/eval modes, mixed precision,
+      `in_side_runs`, True by default: device placement, train/eval modes, mixed precision,
       clipping, accumulation, your own training-step callbacks). The recorder, the metrics, the
       schedulers, the trackers, the loggers and `CheckpointCB` sit it out: no file is written,
       and the callbacks and metric objects you handed in are the same objects afterwards,
@@ -281,7 +289,7 @@ def lr_find(
     - The model's parameters, buffers and gradients, every submodule's train/eval flag, the
       optimizer's state (or its absence, so that the first `fit` still creates a fresh one),
       the loop's state, the Python, NumPy and torch random states and the loaders' generators
-      are put back (`learner.snapshot.kept_state`), also after an exception or Ctrl-C.
+      are put back (`learner.snapshot.side_run`), also after an exception or Ctrl-C.
 
     So two calls give the same curve, and `lr_find(); fit(n)` trains exactly as `fit(n)` would.
 
@@ -302,23 +310,12 @@ def lr_find(
     finder = LRFinderCB(start_lr, end_lr, num_it, stop_factor, repeat=True)
     if not callable(suggest):
         raise TypeError(f"suggest must be a function f(lrs, losses), got {suggest!r}.")
-    # Objects the callbacks share with the learner are kept, not copied, in the copies.
-    memo = {id(o): o for o in (learn, learn.dls, learn.opt, *learn.model.modules())}
-    memo.update({id(t): t for t in [*learn.model.parameters(), *learn.model.buffers()]})
-    copies = [_copy(cb, memo) for cb in learn.cbs if cb.in_lr_find]
-    with kept_state(learn, rng=True, weights=True, opt=True), learn.removed_cbs(learn.cbs):
-        learn.fit(1, cbs=[*copies, finder], valid=False)
+    if learn.opt is not None:
+        param_groups(learn.opt, "lr_find")
+    lr = start_lr if learn.lr is None and learn.opt is None else None  # Learner(lr=None)
+    with side_run(learn) as cbs:
+        learn.fit(1, lr=lr, cbs=[*cbs, finder], valid=False)
     lrs, losses = finder.lrs, finder.losses
     skip = len(losses) // 10
     suggestion = suggest(lrs[skip:], smooth(losses)[skip:])
     return LRFindResult(lrs, losses, suggestion)
-
-
-def _copy(cb: Callback, memo: dict[int, Any]) -> Callback:
-    """A copy of `cb` for the sweep: its attributes deep-copied (those that cannot be, such as an
-    open file, shared), so that whatever the sweep does to it, `cb` itself is untouched."""
-    new, memo = copy.copy(cb), dict(memo)
-    for name, value in vars(cb).items():
-        with contextlib.suppress(Exception):  # not copyable (an open file, a lock): shared
-            setattr(new, name, copy.deepcopy(value, memo))
-    return new

@@ -88,7 +88,7 @@ class MetricsCB(Callback):
     """
 
     order = ORDERS["MetricsCB"]
-    in_lr_find = False
+    in_side_runs = False
 
     def __init__(self, *metrics: Any, **named_metrics: Any) -> None:
         self.metrics: dict[str, Any] = {}

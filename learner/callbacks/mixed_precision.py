@@ -8,6 +8,7 @@ from typing import Any, Protocol
 import torch
 
 from learner.callbacks.order import ORDERS
+from learner.checks import param_groups
 from learner.core import BaseLearner, Callback, CancelStepException
 from learner.utils import model_device
 
@@ -115,6 +116,8 @@ class MixedPrecisionCB(Callback):
             self._want_scaler is True or (self._want_scaler is None and default)
         ):
             self.scaler = torch.amp.GradScaler(self.device_type)
+        if self.scaler is not None and learn.run_train:
+            param_groups(learn.opt, "MixedPrecisionCB's GradScaler")
         self._autocast = torch.autocast(self.device_type, dtype=self.dtype)
 
     def before_batch(self, learn: BaseLearner) -> None:

@@ -21,6 +21,7 @@ __all__ = ["CONSTRAINTS", "ORDERS", "Constraint"]
 ORDERS: dict[str, int] = {
     "TrainEvalCB": -30,
     "DeviceCB": -20,
+    "BatchTransformCB": -18,
     "DistributedCB": -15,
     "MetricsCB": -10,
     "RecorderCB": -5,
@@ -37,6 +38,7 @@ ORDERS: dict[str, int] = {
     "EarlyStoppingCB": 60,
     "TerminateOnNaNCB": 60,
     "CheckpointCB": 65,
+    "CapturePredsCB": 80,
     "LRFinderCB": 90,
     "ResumeCB": 1000,
 }
@@ -57,6 +59,10 @@ CONSTRAINTS: tuple[Constraint, ...] = (
                "the DDP wrapper copies the model's train/eval flag"),
     Constraint("DeviceCB", "DistributedCB", "before_fit",
                "DDP wraps the model on the device it will train on"),
+    Constraint("DeviceCB", "BatchTransformCB", "before_batch",
+               "transforms run on the device, on the moved batch"),
+    Constraint("BatchTransformCB", "MixedPrecisionCB", "before_batch",
+               "transforms run in full precision, outside autocast"),
     Constraint("DeviceCB", "MetricsCB", "before_fit",
                "metrics accumulate on the model's device"),
     Constraint("DeviceCB", "MixedPrecisionCB", "before_fit",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from learner.callbacks.metrics import epoch_summary
 from learner.callbacks.order import ORDERS
 from learner.core import BaseLearner, Callback
 from learner.plotting import new_figure
+from learner.utils import get_lr
 
 __all__ = ["RecorderCB", "find_recorder", "get_recorder", "smooth"]
 
@@ -38,19 +40,36 @@ class RecorderCB(Callback):
     them; `state_dict()` / `load_state_dict()` hold them all, for checkpoints. Plots return a
     matplotlib Figure: save it in a script, or let a notebook show it.
 
-    Events: `after_batch`, `after_train`, `after_epoch`. Order: -5 (after MetricsCB, before
-    callbacks that read the history).
+    As the course's `RecorderCB(**d)`, it also records values of your own: each keyword is a
+    function `f(recorder)`, called after every training batch, whose results go to
+    `recs[name]`; `recorder.pg` is the optimizer's first param group, and `plot()` draws each
+    record. Without keywords nothing more is done per batch.
+
+    Events: `before_fit`, `after_batch`, `after_train`, `after_epoch`. Order: -5 (after
+    MetricsCB, before callbacks that read the history).
+
+    Args:
+        **fns: name -> `f(recorder)`, a value to record after each training batch.
 
     Examples:
         >>> learn.fit(3)
         >>> learn.recorder.history[-1]["valid_loss"]
         >>> learn.recorder.plot_loss().savefig("loss.png")
+        >>> def _lr(cb): return cb.pg["lr"]
+        >>> def _beta1(cb): return cb.pg["betas"][0]
+        >>> learn = Learner(model, dls, F.cross_entropy, cbs=RecorderCB(lr=_lr, mom=_beta1))
+        >>> learn.fit_one_cycle(3, lr_max=1e-2); learn.recorder.plot()
     """
 
     order = ORDERS["RecorderCB"]
-    in_lr_find = False  # lr_find records its own curve; the run's records stay as they are
+    in_side_runs = False  # lr_find records its own curve; the run's records stay as they are
 
-    def __init__(self) -> None:
+    def __init__(self, **fns: Callable[[RecorderCB], Any]) -> None:
+        for name, fn in fns.items():
+            if not callable(fn):
+                raise TypeError(f"RecorderCB({name}=...) takes a function f(recorder), got {fn!r}.")
+        self.fns = fns
+        self.pg: dict[str, Any] | None = None  # the first param group, for the functions
         self.reset()
 
     def reset(self) -> None:
@@ -60,6 +79,7 @@ class RecorderCB(Callback):
         self.lrs: list[float] = []
         self.history: list[dict[str, Any]] = []
         self.epoch_iters: list[int] = []  # number of training batches recorded at each epoch end
+        self.recs: dict[str, list[Any]] = {name: [] for name in self.fns}
 
     @property
     def losses(self) -> list[float]:
@@ -73,13 +93,19 @@ class RecorderCB(Callback):
             self._losses.extend(torch.stack(self._pending).float().cpu().tolist())
             self._pending = []
 
+    def before_fit(self, learn: BaseLearner) -> None:
+        groups = getattr(learn.opt, "param_groups", None)
+        self.pg = groups[0] if groups else None
+
     def after_batch(self, learn: BaseLearner) -> None:
         if not learn.training:
             return
-        assert learn.opt is not None  # training batches run only once fit made one
+        if self.fns:
+            for name, fn in self.fns.items():
+                self.recs[name].append(fn(self))
         loss = learn.loss  # detached by the Learner once the step is done
         self._pending.append(loss.detach() if loss.requires_grad else loss)
-        self.lrs.append(learn.opt.param_groups[0]["lr"])
+        self.lrs.append(get_lr(learn.opt))
 
     def after_train(self, learn: BaseLearner) -> None:
         self._flush()
@@ -97,6 +123,7 @@ class RecorderCB(Callback):
             "lrs": list(self.lrs),
             "history": [dict(row) for row in self.history],
             "epoch_iters": list(self.epoch_iters),
+            **({"recs": {k: list(v) for k, v in self.recs.items()}} if self.fns else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -106,6 +133,9 @@ class RecorderCB(Callback):
         self.lrs = list(state["lrs"])
         self.history = [dict(row) for row in state["history"]]
         self.epoch_iters = list(state["epoch_iters"])
+        for name, values in state.get("recs", {}).items():
+            if name in self.recs:
+                self.recs[name] = list(values)
 
     # -- plots ----------------------------------------------------------------------------------
 
@@ -135,6 +165,19 @@ class RecorderCB(Callback):
         fig, (ax,) = new_figure()
         ax.plot(self.lrs)
         ax.set(xlabel="batch", ylabel="learning rate")
+        return fig
+
+    def plot(self) -> Figure:
+        """Each value recorded by the functions given as `RecorderCB(name=f)`, per batch."""
+        if not self.fns:
+            raise ValueError(
+                "RecorderCB.plot() draws the values of RecorderCB(name=f, ...), and this recorder "
+                "has no functions: use plot_loss(), plot_lr() or plot_metrics()."
+            )
+        fig, axes = new_figure(len(self.recs), width=5.0)
+        for ax, (name, values) in zip(axes, self.recs.items()):
+            ax.plot([float(v) for v in values])
+            ax.set(xlabel="batch", title=name)
         return fig
 
     def plot_metrics(self) -> Figure:

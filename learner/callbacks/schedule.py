@@ -11,7 +11,7 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from learner.callbacks.order import ORDERS
 from learner.callbacks.tracker import Monitor
-from learner.checks import check_number
+from learner.checks import check_number, param_groups
 from learner.core import BaseLearner, Callback, as_cbs
 
 __all__ = [
@@ -148,7 +148,7 @@ def set_hyper(group: dict[str, Any], name: str, value: float | torch.Tensor) -> 
 def _check_hypers(opt: torch.optim.Optimizer, names: Iterable[str], owner: str) -> None:
     """A clear error, naming the key, when a param group lacks a hyper-parameter to set."""
     for name in names:
-        for i, group in enumerate(opt.param_groups):
+        for i, group in enumerate(param_groups(opt, owner)):
             if _key(group, name) is None:
                 keys = ", ".join(k for k in group if k != "params")
                 hint = (
@@ -207,7 +207,7 @@ class ParamSchedulerCB(Callback):
     """
 
     order = ORDERS["ParamSchedulerCB"]
-    in_lr_find = False  # the finder sets the learning rate
+    in_side_runs = False  # the finder sets the learning rate
 
     def __init__(self, scheds: Mapping[str, Schedule]) -> None:
         if not isinstance(scheds, Mapping) or not scheds:
@@ -287,7 +287,7 @@ class LRSchedulerCB(Callback):
     """
 
     order = ORDERS["LRSchedulerCB"]
-    in_lr_find = False  # the finder sets the learning rate
+    in_side_runs = False  # the finder sets the learning rate
 
     def __init__(
         self,
@@ -411,6 +411,8 @@ def fit_one_cycle(
         >>> learn.recorder.plot_lr()
     """
     lr_max = learn.lr if lr_max is None else lr_max
+    if lr_max is None:
+        raise ValueError("fit_one_cycle needs lr_max= (the Learner was made with lr=None).")
     check_number("lr_max", lr_max)
     if not 0 <= pct_start <= 1:
         raise ValueError(f"pct_start must be between 0 and 1, got {pct_start!r}.")

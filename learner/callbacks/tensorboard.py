@@ -55,7 +55,7 @@ class TensorBoardCB(Callback):
     """
 
     order = ORDERS["TensorBoardCB"]
-    in_lr_find = False
+    in_side_runs = False
 
     def __init__(
         self, log_dir: str | os.PathLike[str] | None = None, log_every: int | None = None

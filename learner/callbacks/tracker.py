@@ -124,7 +124,7 @@ class EarlyStoppingCB(Callback):
     """
 
     order = ORDERS["EarlyStoppingCB"]
-    in_lr_find = False
+    in_side_runs = False
 
     def __init__(
         self,
@@ -211,7 +211,7 @@ class SaveBestCB(Callback):
     """
 
     order = ORDERS["SaveBestCB"]
-    in_lr_find = False
+    in_side_runs = False
 
     def __init__(
         self,
@@ -274,7 +274,7 @@ class TerminateOnNaNCB(Callback):
     """
 
     order = ORDERS["TerminateOnNaNCB"]
-    in_lr_find = False  # the finder stops at a non-finite loss itself
+    in_side_runs = False  # the finder stops at a non-finite loss itself
 
     def __init__(self) -> None:
         self.reason: str | None = None

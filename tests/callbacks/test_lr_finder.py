@@ -459,7 +459,7 @@ def test_lr_find_touches_no_user_object_and_writes_no_file(
 
 def test_callbacks_can_sit_the_sweep_out(tiny: dict[str, Any]) -> None:
     class WatchCB(Callback):
-        in_lr_find = False
+        in_side_runs = False
 
         def __init__(self) -> None:
             self.batches = 0

@@ -39,6 +39,7 @@ def make(name: str, tmp_path: Path) -> Callback:
     cls: Any = STANDARD[name]
     args: dict[str, Any] = {
         "GradAccumCB": (2,),
+        "BatchTransformCB": (lambda b: b,),
         "GradClipCB": (1.0,),
         "ParamSchedulerCB": ({"lr": learner.sched_no(0.1, 0.1)},),
         "LRSchedulerCB": (lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1),),
