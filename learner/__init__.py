@@ -10,6 +10,8 @@ from learner.callbacks import (
     EarlyStoppingCB,
     GradAccumCB,
     GradClipCB,
+    HooksCallback,
+    HooksCB,
     LRFinderCB,
     LRFindResult,
     LRSchedulerCB,
@@ -51,8 +53,8 @@ from learner.core import (
     CancelTrainException,
     CancelValidateException,
 )
-from learner.data import DataLoaders, TensorLoader
-from learner.hooks import Hook, Hooks, find_modules
+from learner.data import DataLoaders, TensorLoader, collate_dict, inplace
+from learner.hooks import Hook, Hooks, append_stats, find_modules, get_hist, get_min
 from learner.inference import CapturePredsCB
 from learner.io import atomic_save
 from learner.learner import Learner
@@ -83,6 +85,8 @@ __all__ = [
     "GradClipCB",
     "Hook",
     "Hooks",
+    "HooksCB",
+    "HooksCallback",
     "LRFindResult",
     "LRFinderCB",
     "LRSchedulerCB",
@@ -102,12 +106,17 @@ __all__ = [
     "TerminateOnNaNCB",
     "TrainEvalCB",
     "accuracy",
+    "append_stats",
     "atomic_save",
+    "collate_dict",
     "combine_scheds",
     "combined_cos",
     "default_device",
     "find_modules",
     "fit_one_cycle",
+    "get_hist",
+    "get_min",
+    "inplace",
     "lr_find",
     "sched_cos",
     "sched_exp",

@@ -228,7 +228,9 @@ class BaseLearner:
         """Add `cb`; it replaces a callback of its own class (unless `cb.unique` is False). Returns
         the callback it replaced."""
         (cb,) = as_cbs(cb)
-        old = next((c for c in self.cbs if cb.unique and isinstance(cb, type(c))), None)
+        old = next(
+            (c for c in self.cbs if cb.unique and c.unique and isinstance(cb, type(c))), None
+        )
         cbs = [*self.cbs, cb] if old is None else [cb if c is old else c for c in self.cbs]
         self._set_cbs(cbs)
         return old

@@ -5,6 +5,11 @@ data that fits in memory, `DataLoaders.from_tensors` is the fast path: the tenso
 once, and every batch is a single index of whole tensors, with no per-item `__getitem__` and no
 collate. It yields exactly the batches a torch `DataLoader` would for the same seed.
 
+Hugging Face datasets (the fastai course's data source) go through `DataLoaders.from_dd`, with
+the course's `collate_dict` and `inplace`. This module does not import `datasets`: anything with
+the same shape works, and the package is only needed to make the data (`pip install
+"learner[hf]"`).
+
 Examples:
     >>> from learner.data import DataLoaders, mnist
     >>> dls = DataLoaders.from_tensors(*mnist(), bs=64)  # doctest: +SKIP
@@ -15,29 +20,33 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 __all__ = [
     "DataLoaders",
     "DataNotFoundError",
     "TensorData",
     "TensorLoader",
+    "collate_dict",
     "data_root",
     "digits",
     "fashion_mnist",
+    "inplace",
     "mnist",
     "mnist_available",
 ]
 
 StrPath = str | os.PathLike[str]
+_B = TypeVar("_B")
 
 
 def _check_bs(bs: int) -> None:
@@ -154,6 +163,102 @@ class TensorLoader:
         )
 
 
+# --- Hugging Face datasets --------------------------------------------------------------------
+
+
+def inplace(f: Callable[[_B], object]) -> Callable[[_B], _B]:
+    """Make a transform that changes a batch in place return the batch, as the course does.
+
+    `datasets.Dataset.with_transform` uses what the transform returns; the course writes
+    transforms that assign into the batch dict and decorates them with `@inplace`. The wrapper
+    takes `f`'s name (`functools.wraps`), so a decorated module-level function still pickles, as
+    `DataLoader` workers started by spawn or forkserver need.
+
+    Args:
+        f: a function that modifies its argument, e.g. a dict of lists of a batch of samples.
+
+    Examples:
+        >>> import torchvision.transforms.functional as TF
+        >>> @inplace
+        ... def transformi(b):
+        ...     b["image"] = [TF.to_tensor(o) for o in b["image"]]
+        >>> tds = dsd.with_transform(transformi)  # doctest: +SKIP
+    """
+
+    @functools.wraps(f)
+    def _f(b: _B) -> _B:
+        f(b)
+        return b
+
+    return _f
+
+
+def _collate_features(keys: Sequence[str], samples: list[Mapping[str, Any]]) -> tuple[Any, ...]:
+    """The `collate_fn` that `collate_dict` returns: one collated batch per key, in order."""
+    if samples and (missing := [k for k in keys if k not in samples[0]]):
+        raise KeyError(
+            f"collate_dict: the samples have no {missing} (they have {list(samples[0])}). The "
+            f"dataset's features are {list(keys)}; a transform that renames or drops features "
+            "needs its own collate_fn=."
+        )
+    batch = []
+    for k in keys:
+        try:
+            batch.append(default_collate([s[k] for s in samples]))
+        except TypeError as e:
+            kind = type(samples[0][k]).__name__
+            e.add_note(
+                f"collate_dict: feature {k!r} holds {kind}, which does not collate; convert it "
+                "to tensors first with a transform, e.g. dd.with_transform(transformi) where "
+                f"transformi sets b[{k!r}] = [TF.to_tensor(o) for o in b[{k!r}]]."
+            )
+            raise
+    return tuple(batch)
+
+
+def collate_dict(ds: Any) -> Callable[[list[Mapping[str, Any]]], tuple[Any, ...]]:
+    """A `collate_fn` that turns dict samples into a tuple of batches in the order of `ds.features`.
+
+    Hugging Face datasets yield one dict per sample, e.g. `{"image": ..., "label": ...}`; the
+    `Learner` wants `(x, y)` batches. The returned function collates each feature with torch's
+    `default_collate` and returns them as a tuple, in the order of `ds.features`, so a dataset
+    with features `image` and `label` gives `(xb, yb)`. The result is always a tuple, even of one
+    feature (the course's `itemgetter` gives the bare batch then). The function pickles, so it
+    works with `DataLoader` workers under any start method.
+
+    Args:
+        ds: a dataset with `features`, the feature names in order: a `datasets.Dataset`
+            (transformed or not: its features are those of the data it holds).
+
+    Examples:
+        >>> ds = tds["train"]  # doctest: +SKIP
+        >>> dl = DataLoader(ds, batch_size=64, collate_fn=collate_dict(ds))  # doctest: +SKIP
+        >>> xb, yb = next(iter(dl))  # doctest: +SKIP
+    """
+    features = getattr(ds, "features", None)
+    if features is None:
+        raise TypeError(
+            f"collate_dict needs a dataset with `.features` (a datasets.Dataset), got "
+            f"{type(ds).__name__}; pass your own collate_fn= for other datasets."
+        )
+    return functools.partial(_collate_features, tuple(features))
+
+
+# Which split validates, when a mapping of splits has one of these names (in this preference).
+_VALID_SPLITS = ("validation", "valid", "test")
+
+
+def _pick_splits(dd: Mapping[str, Any]) -> tuple[str, str | None]:
+    """The names of the training and validation splits of `dd` (see `DataLoaders.from_dd`)."""
+    names = list(dd)
+    if not names:
+        raise ValueError("from_dd got no splits; pass e.g. a DatasetDict with a 'train' split.")
+    train = "train" if "train" in dd else names[0]
+    rest = [n for n in names if n != train]
+    valid = next((n for n in _VALID_SPLITS if n in rest), rest[0] if rest else None)
+    return train, valid
+
+
 class DataLoaders:
     """A training and an optional validation loader, as the `Learner` reads them.
 
@@ -215,6 +320,72 @@ class DataLoaders:
         valid = None
         if valid_ds is not None:
             valid = DataLoader(valid_ds, batch_size=2 * bs, shuffle=False, **kwargs)
+        return cls(train, valid)
+
+    @classmethod
+    def from_dd(
+        cls,
+        dd: Mapping[str, Any],
+        bs: int = 64,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        shuffle: bool = True,
+        **kwargs: Any,
+    ) -> DataLoaders:
+        """Torch `DataLoader`s over a Hugging Face `DatasetDict`, as the course's miniai builds.
+
+        The training split is `"train"` if there is one, else the first; the validation split is
+        the first of `"validation"`, `"valid"` and `"test"` that is there, else the next split in
+        order, else none (with one split, `valid` is None). Other splits are not used. So
+        `load_dataset("fashion_mnist")` (splits `train` and `test`) trains on `train` and
+        validates on `test`, whatever the order of the splits.
+
+        As in `from_datasets`, training follows `shuffle` and validation is in order with batch
+        size `2*bs`; `kwargs` go to both `DataLoader`s, so a `generator=` seeds the training
+        shuffle. Each batch is a tuple in the order of the dataset's features (`collate_dict`):
+        `(xb, yb)` for features `image` and `label`, which the `Learner` trains on directly.
+
+        `dd` may be any mapping of split names to map-style datasets; the default `collate_fn`
+        reads their `.features`. This method does not import `datasets`.
+
+        Args:
+            dd: a `datasets.DatasetDict`, usually transformed with `with_transform`.
+            bs: training batch size. Default 64.
+            collate_fn: turns a list of samples into a batch. Default None: `collate_dict` of
+                each split.
+            shuffle: reshuffle the training split every epoch. Default True.
+            **kwargs: passed to both `DataLoader`s, e.g. `num_workers`, `pin_memory`,
+                `generator`, `drop_last`.
+
+        Examples:
+            >>> import torchvision.transforms.functional as TF
+            >>> from datasets import load_dataset  # doctest: +SKIP
+            >>> dsd = load_dataset("fashion_mnist")  # doctest: +SKIP
+            >>> @inplace
+            ... def transformi(b):
+            ...     b["image"] = [TF.to_tensor(o) for o in b["image"]]
+            >>> dls = DataLoaders.from_dd(dsd.with_transform(transformi), 256)  # doctest: +SKIP
+            >>> xb, yb = next(iter(dls.train))  # doctest: +SKIP
+            >>> xb.shape, yb.shape  # doctest: +SKIP
+            (torch.Size([256, 1, 28, 28]), torch.Size([256]))
+        """
+        _check_bs(bs)
+        if "batch_size" in kwargs:
+            raise ValueError(
+                "from_dd sets batch_size itself (bs for training, 2*bs for validation); pass "
+                "bs= or build DataLoaders(train_dl, valid_dl)."
+            )
+        train_name, valid_name = _pick_splits(dd)
+        collate = collate_dict if collate_fn is None else lambda ds: collate_fn
+        train_ds = dd[train_name]
+        train = DataLoader(
+            train_ds, batch_size=bs, shuffle=shuffle, collate_fn=collate(train_ds), **kwargs
+        )
+        valid = None
+        if valid_name is not None:
+            valid_ds = dd[valid_name]
+            valid = DataLoader(
+                valid_ds, batch_size=2 * bs, shuffle=False, collate_fn=collate(valid_ds), **kwargs
+            )
         return cls(train, valid)
 
     @classmethod

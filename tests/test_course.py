@@ -304,3 +304,41 @@ def test_a_parameter_schedule_of_the_course_runs() -> None:
     learn = Learner(make_model(), make_dls(), F.cross_entropy, lr=0.1, opt_func=torch.optim.SGD)
     learn.fit(2, cbs=ParamSchedulerCB({"lr": sched_lin(0.1, 0.01)}))
     assert learn.recorder.lrs == pytest.approx([sched_lin(0.1, 0.01)(i / 4) for i in range(4)])
+
+
+# -- notebook 12: the course's scheduler callbacks -----------------------------------------------
+
+
+class BaseSchedCB(Callback):
+    def __init__(self, sched):  # type: ignore[no-untyped-def]
+        self.sched = sched
+
+    def before_fit(self, learn):  # type: ignore[no-untyped-def]
+        self.schedo = self.sched(learn.opt)
+
+    def _step(self, learn):  # type: ignore[no-untyped-def]
+        if learn.training:
+            self.schedo.step()
+
+
+class BatchSchedCB(BaseSchedCB):
+    def after_batch(self, learn):  # type: ignore[no-untyped-def]
+        self._step(learn)
+
+
+def test_the_courses_batch_scheduler_runs() -> None:
+    from torch.optim import lr_scheduler
+
+    sched = partial(lr_scheduler.OneCycleLR, max_lr=0.1, total_steps=6)
+    rec = RecorderCB(lr=_lr)
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, lr=0.1, opt_func=torch.optim.SGD)
+    learn.fit(3, cbs=[BatchSchedCB(sched), rec])
+    # The oracle: the same scheduler stepped by hand.
+    opt = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    ref = lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=6)
+    want = []
+    for _ in range(6):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert rec.recs["lr"] == want

@@ -1,29 +1,46 @@
 """Tests for learner.data: TensorLoader against torch's DataLoader as an exact oracle, and datasets.
 
-The MNIST tests need the raw files: set LEARNER_DATA to a folder holding MNIST/raw/.
+The MNIST tests need the raw files: set LEARNER_DATA to a folder holding MNIST/raw/. The Hugging
+Face tests need the `datasets` package (`pip install "learner[hf]"`) and skip without it.
 """
 
 import os
+import pickle
 import shutil
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, TensorDataset
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import (
+    DataLoader,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+    default_collate,
+)
 
+from learner import Learner, accuracy
 from learner.data import (
     DataLoaders,
     DataNotFoundError,
     TensorData,
     TensorLoader,
+    collate_dict,
     data_root,
     digits,
     fashion_mnist,
+    inplace,
     mnist,
     mnist_available,
 )
@@ -430,3 +447,198 @@ def test_drop_last_with_fewer_samples_than_a_batch_yields_nothing() -> None:
     for shuffle in (False, True):
         dl = TensorLoader(x, y, bs=8, shuffle=shuffle, drop_last=True, generator=torch.Generator())
         assert len(dl) == 0 and list(dl) == []
+
+
+# --- Hugging Face datasets: from_dd, collate_dict, inplace -----------------------------------
+
+N_TRAIN, N_VALID = 48, 25  # with BS=10: 5 training batches (the last of 8), 2 validation ones
+
+
+@inplace
+def transformi(b):
+    """The course's transform: PIL images to float tensors, in place, for `with_transform`."""
+    b["image"] = [TF.to_tensor(o) for o in b["image"]]
+
+
+@pytest.fixture(scope="module")
+def hf() -> ModuleType:
+    return pytest.importorskip("datasets", reason='needs Hugging Face datasets: "learner[hf]"')
+
+
+def fake_fashion_mnist(hf: ModuleType, seed: int = 0) -> Any:
+    """A DatasetDict shaped like the course's `load_dataset("fashion_mnist")`, built in memory.
+
+    Splits `train` and `test` of 8x8 grayscale PIL images and class labels. Pixel (0, 0) of image
+    `i` of a split is `i`, so a batch tells which samples it holds. The label is learnable: the
+    bottom half of a "bright" image is brighter than any pixel of a "dark" one.
+    """
+    g = torch.Generator().manual_seed(seed)
+    features = hf.Features({"image": hf.Image(), "label": hf.ClassLabel(names=["dark", "bright"])})
+
+    def split(n: int) -> Any:
+        labels = torch.randint(0, 2, (n,), generator=g)
+        px = torch.randint(0, 100, (n, 8, 8), generator=g, dtype=torch.uint8)
+        px[labels == 1, 4:] += 150
+        px[:, 0, 0] = torch.arange(n, dtype=torch.uint8)
+        images = [Image.frombytes("L", (8, 8), bytes(a.flatten().tolist())) for a in px]
+        return hf.Dataset.from_dict({"image": images, "label": labels.tolist()}, features)
+
+    return hf.DatasetDict({"train": split(N_TRAIN), "test": split(N_VALID)})
+
+
+@pytest.fixture(scope="module")
+def dsd(hf: ModuleType) -> Any:
+    return fake_fashion_mnist(hf)
+
+
+@pytest.fixture(scope="module")
+def tds(dsd: Any) -> Any:
+    return dsd.with_transform(transformi)
+
+
+def ids(batches: Iterable[Any]) -> list[int]:
+    """Which samples, in order: pixel (0, 0) of each image holds its index."""
+    return [i for xb, _ in batches for i in (xb[:, 0, 0, 0] * 255).round().long().tolist()]
+
+
+def test_from_dd_runs_the_course_code(dsd, tds):
+    dls = DataLoaders.from_dd(tds, BS)
+    batch = next(iter(dls.train))
+    assert isinstance(batch, tuple) and len(batch) == 2
+    xb, yb = batch
+    assert xb.shape == (BS, 1, 8, 8) and xb.dtype == torch.float32
+    assert yb.shape == (BS,) and yb.dtype == torch.int64
+    assert xb.min() >= 0 and xb.max() <= 1
+    # Each image is paired with its own label, and is the to_tensor of its own image.
+    i = ids([batch])
+    assert yb.tolist() == [dsd["train"][j]["label"] for j in i]
+    assert torch.equal(xb[0], TF.to_tensor(dsd["train"][i[0]]["image"]))
+    # The `test` split validates, in order, at twice the batch size.
+    assert isinstance(dls.train.sampler, RandomSampler) and len(dls.train) == 5
+    assert isinstance(dls.valid.sampler, SequentialSampler) and len(dls.valid) == 2
+    assert dls.valid.dataset is tds["test"]
+    xv, yv = next(iter(dls.valid))
+    assert xv.shape == (2 * BS, 1, 8, 8) and yv.shape == (2 * BS,)
+
+
+def test_from_dd_shuffles_each_epoch_covering_every_sample_once_and_validates_in_order(tds):
+    dls = DataLoaders.from_dd(tds, BS, generator=torch.Generator().manual_seed(0))
+    epochs = [ids(dls.train) for _ in range(3)]
+    for order in epochs:
+        assert sorted(order) == list(range(N_TRAIN)) and order != list(range(N_TRAIN))
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert ids(dls.valid) == ids(dls.valid) == list(range(N_VALID))
+    unshuffled = DataLoaders.from_dd(tds, BS, shuffle=False)
+    assert ids(unshuffled.train) == list(range(N_TRAIN))
+
+
+def test_from_dd_seeds_reproduce_the_shuffle(tds):
+    def order(**kwargs: Any) -> list[int]:
+        dls = DataLoaders.from_dd(tds, BS, **kwargs)
+        return ids(dls.train) + ids(dls.train)
+
+    seeded = lambda s: order(generator=torch.Generator().manual_seed(s))
+    assert seeded(1) == seeded(1) != seeded(2)
+    torch.manual_seed(3)
+    first = order()
+    torch.manual_seed(3)
+    assert order() == first
+    # The generator reaches the training DataLoader as in from_datasets: the same batches as a
+    # plain DataLoader with the same seed.
+    dls = DataLoaders.from_dd(tds, BS, generator=torch.Generator().manual_seed(4))
+    ref = DataLoader(
+        tds["train"],
+        batch_size=BS,
+        shuffle=True,
+        collate_fn=collate_dict(tds["train"]),
+        generator=torch.Generator().manual_seed(4),
+    )
+    assert_same_batches(batches(dls.train, epochs=2), batches(ref, epochs=2))
+
+
+def test_learner_trains_on_from_dd(tds):
+    torch.manual_seed(0)
+    dls = DataLoaders.from_dd(tds, 8, generator=torch.Generator().manual_seed(0))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    learn = Learner(model, dls, F.cross_entropy, lr=0.5, opt_func=torch.optim.SGD, metrics=accuracy)
+    learn.fit(4)
+    history = learn.recorder.history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["valid_loss"] < history[0]["valid_loss"]
+    assert history[-1]["accuracy"] >= 0.9  # chance is about 0.5
+
+
+def test_from_dd_picks_train_and_validation_splits_by_name(hf):
+    def dd(*names: str) -> Any:
+        return hf.DatasetDict({n: hf.Dataset.from_dict({"x": [0.0], "y": [0]}) for n in names})
+
+    cases = [
+        (("test", "train"), "train", "test"),
+        (("train", "test", "validation"), "train", "validation"),
+        (("test", "valid", "train"), "train", "valid"),
+        (("a", "b", "c"), "a", "b"),
+    ]
+    for names, train, valid in cases:
+        d = dd(*names)
+        dls = DataLoaders.from_dd(d, 2)
+        assert dls.train.dataset is d[train] and dls.valid.dataset is d[valid], names
+    assert DataLoaders.from_dd(dd("train"), 2).valid is None
+    with pytest.raises(ValueError, match="no splits"):
+        DataLoaders.from_dd(hf.DatasetDict(), 2)
+
+
+def test_from_dd_takes_any_mapping_of_datasets_and_passes_options_to_both_loaders(xy):
+    # No `datasets` needed: a plain dict of torch datasets, with a collate_fn of one's own.
+    x, y = xy
+    dd = {"train": TensorDataset(x, y), "valid": TensorDataset(x[:7], y[:7])}
+    dls = DataLoaders.from_dd(dd, BS, collate_fn=default_collate, drop_last=True)
+    assert dls.train.collate_fn is dls.valid.collate_fn is default_collate
+    assert dls.train.drop_last and dls.valid.drop_last
+    assert len(dls.train) == 10 and len(dls.valid) == 0
+    with pytest.raises(TypeError, match=r"needs a dataset with `\.features`.*collate_fn="):
+        DataLoaders.from_dd(dd, BS)
+    with pytest.raises(ValueError, match="pass bs="):
+        DataLoaders.from_dd(dd, batch_size=8, collate_fn=default_collate)
+    with pytest.raises(ValueError, match="bs must be a positive integer"):
+        DataLoaders.from_dd(dd, 0, collate_fn=default_collate)
+
+
+def test_collate_dict_gives_a_tuple_in_the_order_of_the_features():
+    ds = SimpleNamespace(features={"label": None, "image": None})
+    samples = [{"image": torch.full((2,), float(i)), "label": i, "name": f"s{i}"} for i in range(3)]
+    yb, xb = collate_dict(ds)(samples)  # features order; the extra key is not collated
+    assert torch.equal(yb, torch.arange(3)) and xb.shape == (3, 2)
+    (xb,) = collate_dict(SimpleNamespace(features=["image"]))(samples)  # one feature: a 1-tuple
+    assert xb.shape == (3, 2)
+    with pytest.raises(KeyError, match=r"no \['label'\].*own collate_fn="):
+        collate_dict(ds)([{"image": torch.zeros(2)}])
+
+
+def test_untransformed_images_fail_with_a_hint_to_transform(dsd):
+    dls = DataLoaders.from_dd(dsd, BS)
+    with pytest.raises(TypeError) as info:
+        next(iter(dls.train))
+    assert "feature 'image' holds" in str(info.value.__notes__) and "with_transform" in str(
+        info.value.__notes__
+    )
+
+
+def test_inplace_returns_the_batch_keeps_the_name_and_pickles():
+    b = {"image": [Image.new("L", (2, 2))]}
+    assert transformi(b) is b and b["image"][0].shape == (1, 2, 2)
+    assert transformi.__name__ == "transformi" and "PIL images" in transformi.__doc__
+    # Workers started by spawn or forkserver unpickle the dataset's transform by reference.
+    assert pickle.loads(pickle.dumps(transformi)) is transformi
+
+
+def test_from_dd_loaders_pickle_for_spawned_workers(tds):
+    dl = DataLoaders.from_dd(tds, BS, shuffle=False).train
+    ds, collate = pickle.loads(pickle.dumps((dl.dataset, dl.collate_fn)))
+    again = DataLoader(ds, batch_size=BS, collate_fn=collate)
+    assert_same_batches(batches(again), batches(dl))
+
+
+def test_importing_learner_does_not_import_datasets():
+    code = "import sys, learner, learner.data; print('datasets' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -11,6 +11,7 @@ from learner.callbacks.csv_logger import CSVLoggerCB
 from learner.callbacks.device import DeviceCB, default_device
 from learner.callbacks.grad_accum import GradAccumCB
 from learner.callbacks.grad_clip import GradClipCB
+from learner.callbacks.hooks_cb import HooksCallback, HooksCB
 from learner.callbacks.lr_finder import LRFinderCB, LRFindResult, lr_find, steep, valley
 from learner.callbacks.metrics import MetricsCB, accuracy
 from learner.callbacks.mixed_precision import MixedPrecisionCB
@@ -47,6 +48,8 @@ __all__ = [
     "EarlyStoppingCB",
     "GradAccumCB",
     "GradClipCB",
+    "HooksCB",
+    "HooksCallback",
     "LRFindResult",
     "LRFinderCB",
     "LRSchedulerCB",

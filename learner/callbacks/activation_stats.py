@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from learner.callbacks.hooks_cb import HooksCB
 from learner.callbacks.order import ORDERS
 from learner.checks import check_int
-from learner.core import BaseLearner, Callback
-from learner.hooks import Hook, Hooks, ModuleSpec, find_modules
+from learner.core import BaseLearner
+from learner.hooks import Hook, ModuleSpec
 from learner.plotting import new_figure
 
 __all__ = ["ActivationStatsCB"]
 
 
-class ActivationStatsCB(Callback):
+class ActivationStatsCB(HooksCB):
     """Records the mean, standard deviation and a histogram of |activation| of chosen layers at
     every training batch, and draws the fastai course's diagnostic plots from them.
 
@@ -26,21 +28,26 @@ class ActivationStatsCB(Callback):
     host once per epoch (or when you access them), so recording adds no host synchronisation per
     batch. The histogram counts |activation| in `bins` equal bins over `hist_range` (the course's
     40 bins over 0..10); values beyond the range count in the last bin, so each row sums to the
-    number of activations. A layer called several times in one forward pass adds a row per call.
+    number of activations (the course's `histc` leaves them out). A layer called several times in
+    one forward pass adds a row per call.
 
-    Hooks are registered at `before_fit` and removed at `cleanup_fit`, also when `fit` fails.
-    Records accumulate across fits on the same layers (hooking other layers starts over);
-    `reset()` clears them. After a fit:
+    A `HooksCB`: hooks are registered at `before_fit` and removed at `cleanup_fit`, also when
+    `fit` fails, and see only the batches of the phases recorded. Records accumulate across fits
+    on the same layers (hooking other layers starts over); `reset()` clears them. After a fit:
 
     - `names`: the hooked layers, as `"<name in the model> (<type>)"`.
     - `means`, `stds`: per layer, a CPU tensor with one value per recorded batch.
     - `hists`: per layer, a CPU tensor of counts, shape (recorded batches, bins).
     - `plot_stats()`, `color_dim()`, `dead_chart()`: matplotlib Figures.
+    - `for h in stats`: the course's way, one hook per layer whose `h.stats` is (means, stds,
+      hists), lists with an entry per recorded batch, for the course's `get_hist(h)` and
+      `get_min(h)`. `len(stats)` is the number of layers.
 
     Args:
-        modules: the layers to watch: a module type (`nn.ReLU`), a name (`"0"`), a module, or a
-            list of these (see `learner.find_modules`). Default None: every leaf module that has
-            parameters.
+        modules: the layers to watch: a predicate (`lambda m: isinstance(m, nn.ReLU)`, the
+            course's `fc.risinstance(GeneralRelu)`), a module type (`nn.ReLU`), a name (`"0"`), a
+            module, or a list of these (see `learner.find_modules`). Default None: every leaf
+            module that has parameters.
         every: record one batch in `every`.
         bins: number of histogram bins.
         hist_range: `(low, high)` of |activation| covered by the histogram.
@@ -54,10 +61,12 @@ class ActivationStatsCB(Callback):
         >>> learn.fit(1, cbs=[stats])
         >>> stats.plot_stats().savefig("stats.png")
         >>> stats.color_dim().savefig("color_dim.png")
+        >>> [get_min(h)[-1] for h in stats]  # the last batch's fraction of dead activations
     """
 
     order = ORDERS["ActivationStatsCB"]
-    in_lr_find = False  # its records are the run's
+    unique = True  # one replaces another; it does not replace a HooksCB it derives from
+    in_side_runs = False  # its records are the run's
 
     def __init__(
         self,
@@ -72,11 +81,28 @@ class ActivationStatsCB(Callback):
         low, high = (float(v) for v in hist_range)
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise ValueError(f"hist_range must be finite, low < high; got {hist_range!r}.")
-        self.modules, self.every, self.bins, self.with_valid = modules, every, bins, with_valid
+        super().__init__(self._record, mod_filter=modules, on_train=True, on_valid=with_valid)
+        self.every, self.bins = every, bins
         self.low, self.high = low, high
-        self.hooks: Hooks | None = None
-        self.recording = False
         self.reset()
+
+    @property
+    def modules(self) -> ModuleSpec | None:
+        """The layers to watch, as passed (`HooksCB.mod_filter`)."""
+        return self.mod_filter
+
+    @modules.setter
+    def modules(self, value: ModuleSpec | None) -> None:
+        self.mod_filter = value
+
+    @property
+    def with_valid(self) -> bool:
+        """Whether validation batches are recorded too (`HooksCB.on_valid`)."""
+        return self.on_valid
+
+    @with_valid.setter
+    def with_valid(self, value: bool) -> None:
+        self.on_valid = value
 
     def reset(self) -> None:
         """Forget everything recorded."""
@@ -89,20 +115,20 @@ class ActivationStatsCB(Callback):
     # -- recording ------------------------------------------------------------------------------
 
     def before_fit(self, learn: BaseLearner) -> None:
-        model = learn.model
-        layers = self._choose(model)
+        super().before_fit(learn)  # the hooks, on `choose_modules(learn.model)`
+        layers = [hook.module for hook in self.hooks or ()]
         if [id(m) for m in layers] != [id(m) for m in self._layers]:  # other layers: start over
             self.reset()
-            names = {id(m): n for n, m in model.named_modules()}
+            names = {id(m): n for n, m in learn.model.named_modules()}
             self.names = [_label(names[id(m)], m) for m in layers]
             self._layers = layers
             self._device = [[] for _ in layers]
             self._host = [torch.zeros(0, 2 + self.bins) for _ in layers]
-        self.hooks = Hooks(layers, self._record)
 
-    def _choose(self, model: nn.Module) -> list[nn.Module]:
-        if self.modules is not None:
-            return find_modules(model, self.modules)
+    def choose_modules(self, model: nn.Module) -> list[nn.Module]:
+        """`modules`, or by default every leaf module of `model` that has parameters."""
+        if self.mods is not None or self.mod_filter is not None:
+            return super().choose_modules(model)
         leaves = [
             m
             for m in model.modules()
@@ -116,13 +142,12 @@ class ActivationStatsCB(Callback):
         return leaves
 
     def before_batch(self, learn: BaseLearner) -> None:
-        wanted = learn.training or self.with_valid
+        super().before_batch(learn)  # recording: a batch of a phase asked for
+        wanted = self.recording
         self.recording = wanted and self.n_seen % self.every == 0
         self.n_seen += wanted
 
     def _record(self, hook: Hook, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if not self.recording:
-            return
         if isinstance(output, (tuple, list)) and output:
             output = output[0]  # an LSTM's (output, state): the output
         if not isinstance(output, torch.Tensor):
@@ -138,22 +163,17 @@ class ActivationStatsCB(Callback):
 
     def after_batch(self, learn: BaseLearner) -> None:
         # Rows wait on their hook until the batch completes, so a cancelled batch records nothing.
-        if self.recording and self.hooks is not None:
-            for hook, rows in zip(self.hooks, self._device):
+        if self.recording:
+            for hook, rows in zip(self.hooks or (), self._device):
                 rows.extend(hook.stored)
 
     def cleanup_batch(self, learn: BaseLearner) -> None:
-        self.recording = False
+        super().cleanup_batch(learn)
         for hook in self.hooks or ():
             hook.stored.clear()
 
     def after_epoch(self, learn: BaseLearner) -> None:
         self._flush()
-
-    def cleanup_fit(self, learn: BaseLearner) -> None:
-        if self.hooks is not None:
-            self.hooks.remove()
-        self.hooks, self.recording = None, False
 
     def _flush(self) -> None:
         for i, rows in enumerate(self._device):
@@ -171,6 +191,19 @@ class ActivationStatsCB(Callback):
             )
         self._flush()
         return self._host
+
+    def __iter__(self) -> Iterator[Hook]:
+        """The hooks, one per layer, each with `stats` = (means, stds, hists) of every batch
+        recorded (the course's layout: lists of a 0-d tensor, a 0-d tensor, a (bins,) tensor)."""
+        if not self.names:
+            return iter(())
+        hooks = list(self.hooks or ())
+        for hook, rows in zip(hooks, self._rows()):
+            hook.stats = (list(rows[:, 0]), list(rows[:, 1]), list(rows[:, 2:]))
+        return iter(hooks)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
     @property
     def means(self) -> list[torch.Tensor]:

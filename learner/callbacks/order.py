@@ -27,6 +27,7 @@ ORDERS: dict[str, int] = {
     "RecorderCB": -5,
     "CSVLoggerCB": -4,
     "TensorBoardCB": -4,
+    "HooksCB": 0,
     "ActivationStatsCB": 0,
     "GradAccumCB": 5,
     "MixedPrecisionCB": 10,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from types import SimpleNamespace
 from typing import Any
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,8 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from learner import ActivationStatsCB, Callback, CancelBatchException, Learner
+from learner.callbacks.hooks_cb import HooksCB
+from learner.hooks import get_hist, get_min
 
 # A frozen first layer with known weights, so every activation can be worked out by hand.
 W = [[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]]
@@ -296,3 +300,84 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match=r"pass modules=, e\.g\. ActivationStatsCB\(nn\.ReLU\)"):
         learn.fit(1)
     assert _no_hooks(learn.model)
+
+
+# -- the course's way: a predicate, and hooks with `stats` for get_hist / get_min ----------------
+
+
+class GeneralRelu(nn.Module):  # miniai/init.py, as written
+    def __init__(self, leak=None, sub=None, maxv=None):
+        super().__init__()
+        self.leak, self.sub, self.maxv = leak, sub, maxv
+
+    def forward(self, x):
+        x = F.leaky_relu(x, self.leak) if self.leak is not None else F.relu(x)
+        if self.sub is not None:
+            x -= self.sub
+        if self.maxv is not None:
+            x.clamp_max_(self.maxv)
+        return x
+
+
+def test_the_course_way_with_a_predicate() -> None:
+    stats = ActivationStatsCB(lambda m: isinstance(m, nn.ReLU))
+    assert isinstance(stats, HooksCB) and len(stats) == 0 and list(stats) == []
+    learn = _learn(cbs=[stats])
+    learn.fit(2)
+    assert stats.names == ["1 (ReLU)"] and len(stats) == 1
+    (h,) = stats
+    assert h.module is learn.model[1]
+    acts = [_acts(x, relu=True) for x in (X0, X1, X0, X1)]
+    # h.stats in the course's layout: lists with an entry per recorded batch.
+    means, stds, hists = h.stats
+    assert [m.shape for m in means] == [()] * 4 and [t.shape for t in hists] == [(40,)] * 4
+    assert [m.item() for m in means] == pytest.approx([statistics.mean(a) for a in acts])
+    assert [s.item() for s in stds] == pytest.approx([statistics.stdev(a) for a in acts])
+    # get_hist: (bins, batches) of log(1 + count); get_min: the fraction in the lowest bin.
+    hand = torch.tensor([_hist(a) for a in acts])
+    assert get_hist(h).shape == (40, 4) and torch.allclose(get_hist(h), hand.t().log1p())
+    # ReLU zeros: the lowest bin. X0's 12 counts in the last bin (the course's histc drops it).
+    dead = [sum(v == 0.0 for v in a) / len(a) for a in acts]
+    assert get_min(h).tolist() == pytest.approx(dead) == [2 / 6, 4 / 6] * 2
+    # The course's plot_stats, by hand.
+    fig, axs = plt.subplots(1, 2)
+    for h in stats:
+        for i in 0, 1:
+            axs[i].plot(h.stats[i])
+    assert list(axs[0].get_lines()[0].get_ydata()) == pytest.approx(stats.means[0].tolist())
+    plt.close(fig)
+    assert _no_hooks(learn.model)
+
+
+def test_course_hooks_follow_the_records() -> None:
+    stats = ActivationStatsCB("0")
+    learn = _learn(cbs=[stats])
+    learn.fit(1)
+    learn.fit(1)  # records accumulate over fits on the same layers, and so do the hooks' stats
+    assert [len(s) for s in next(iter(stats)).stats] == [4, 4, 4]
+    stats.reset()
+    assert len(stats) == 0 and list(stats) == []
+
+
+def test_general_relus_chosen_by_a_predicate() -> None:
+    torch.manual_seed(0)
+    act = functools.partial(GeneralRelu, leak=0.1, sub=0.4)
+    model = nn.Sequential(nn.Linear(4, 8), act(), nn.Linear(8, 8), act(), nn.Linear(8, 3))
+    stats = ActivationStatsCB(lambda m: isinstance(m, GeneralRelu), with_valid=True)
+    Learner(model, _dls(n_batches=3), F.cross_entropy, cbs=[stats]).fit(1)
+    assert stats.names == ["1 (GeneralRelu)", "3 (GeneralRelu)"]
+    assert [h.module for h in stats] == [model[1], model[3]]
+    for h in stats:
+        assert get_hist(h).shape == (40, 6) and get_min(h).shape == (6,)  # 3 train + 3 valid
+        assert min(m.item() for m in h.stats[0]) > -0.44  # leaky_relu(x, 0.1) - 0.4 > -0.44
+    for fig in (stats.color_dim(), stats.dead_chart(), stats.plot_stats()):
+        assert isinstance(fig, Figure)
+
+
+def test_no_host_sync_per_batch_with_a_predicate(monkeypatch: pytest.MonkeyPatch) -> None:
+    def syncs(n_batches: int) -> int:
+        stats = ActivationStatsCB(lambda m: isinstance(m, nn.ReLU), with_valid=True)
+        learn = Learner(make_model(), _dls(n_batches), F.cross_entropy, opt_func=torch.optim.SGD)
+        return count_host_syncs(monkeypatch, lambda: learn.fit(2, cbs=[stats]))
+
+    assert syncs(3) == syncs(30)

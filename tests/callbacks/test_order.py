@@ -15,9 +15,9 @@ from learner.callbacks import order as order_module
 from learner.callbacks.order import CONSTRAINTS, ORDERS, Constraint
 from learner.callbacks.resume import ResumeCB
 
-STANDARD = {
-    name: obj
-    for name, obj in vars(learner).items()
+STANDARD = {  # by class name: an alias (the course's HooksCallback) is the same class
+    obj.__name__: obj
+    for obj in vars(learner).values()
     if isinstance(obj, type) and issubclass(obj, Callback) and obj is not Callback
 }
 
@@ -40,6 +40,7 @@ def make(name: str, tmp_path: Path) -> Callback:
     args: dict[str, Any] = {
         "GradAccumCB": (2,),
         "BatchTransformCB": (lambda b: b,),
+        "HooksCB": (lambda *args: None,),
         "GradClipCB": (1.0,),
         "ParamSchedulerCB": ({"lr": learner.sched_no(0.1, 0.1)},),
         "LRSchedulerCB": (lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1),),
