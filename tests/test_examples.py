@@ -135,11 +135,12 @@ def test_custom_callback() -> None:
     check_table(out, 1)  # the cancelled second epoch has no row
 
 
-def test_quickstart_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _run_notebook(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Execute examples/`name` on a kernel of this interpreter; return its code cells."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel", reason="the notebook runs on an ipykernel of this Python")
-    nb = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
+    nb = nbformat.read(EXAMPLES / name, as_version=4)
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.outputs and c.execution_count is None for c in code_cells), (
         "store the notebook without outputs"
@@ -155,14 +156,53 @@ def test_quickstart_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
     client = nbclient.NotebookClient(
-        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
     )
     client.execute()  # raises CellExecutionError, with the traceback, if a cell fails
+    return code_cells
 
-    def pngs(cell: Any) -> int:
-        return sum("image/png" in o.get("data", {}) for o in cell.outputs)
 
+def _pngs(cell: Any) -> int:
+    return sum("image/png" in o.get("data", {}) for o in cell.outputs)
+
+
+def _text(cell: Any) -> str:
+    return "".join(
+        o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in cell.outputs
+    )
+
+
+def test_quickstart_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code_cells = _run_notebook("quickstart.ipynb", tmp_path, monkeypatch)
     for call in ("plot_loss()", "plot_lr()", "plot_metrics()"):
         cell = next(c for c in code_cells if call in c.source)
-        assert pngs(cell) == 1, f"{call} cell shows no image: {cell.outputs}"
-    assert sum(pngs(c) for c in code_cells) >= 4  # and the live graph of ProgressCB(plot=True)
+        assert _pngs(cell) == 1, f"{call} cell shows no image: {cell.outputs}"
+    assert sum(_pngs(c) for c in code_cells) >= 4  # and the live graph of ProgressCB(plot=True)
+
+
+def test_course_style_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code_cells = _run_notebook("course_style.ipynb", tmp_path, monkeypatch)
+
+    def cell(text: str) -> Any:
+        return next(c for c in code_cells if text in c.source)
+
+    # The course's TrainCB ran every batch: 1 epoch of training and validation batches.
+    n = int(re.search(r"Completed (\d+) batches", _text(cell("class TrainCB")))[1])  # type: ignore[index]
+    assert n > 20
+    # lr_find as a cell's last line shows its plot; so do the activation statistics' plots.
+    for call in (
+        "learn.lr_find(",
+        "astats.plot_stats()",
+        "astats.color_dim()",
+        "astats.dead_chart()",
+        "rec.plot()",
+    ):
+        assert _pngs(cell(call)) >= 1, f"{call} cell shows no image"
+    # One hook per GeneralRelu (3), each histogram 40 bins by the training batches recorded.
+    assert _text(cell("get_hist(h)")).count("(40, ") == 3
+    accs = re.findall(
+        r"accuracy (0\.\d+), with test-time augmentation (0\.\d+)", _text(cell("capture_preds"))
+    )
+    assert accs and float(accs[0][0]) > 0.5, accs  # above chance (0.1), on MNIST or the digits
+    history = _text(code_cells[-1])
+    assert "'accuracy'" in history and "'valid_loss'" in history
