@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_dls, make_model
 
-from learner import Callback, GradAccumCB, Learner
+from learner import Callback, DeviceCB, GradAccumCB, Learner
 
 
 # The course's TrainCB (miniai, notebook 09), as a student writes it; it counts its calls.
@@ -118,3 +118,61 @@ def test_two_providers_of_one_step_are_an_error() -> None:
     assert [type(cb).__name__ for cb in learn.cbs].count("MomentumCB") == 0
     learn.add_cb(OtherTrainCB())  # a subclass replaces its base class: one provider
     assert sum(isinstance(cb, TrainCB) for cb in learn.cbs) == 1
+
+
+# The course's MixedPrecision(TrainCB) (miniai/accel.py), with the device made a parameter so it
+# also runs on a CPU (bfloat16 autocast, a disabled GradScaler), and its calls counted.
+class MixedPrecision(TrainCB):
+    order = DeviceCB.order + 10
+
+    def __init__(self, device: str = "cuda", dtype: torch.dtype = torch.float16) -> None:
+        super().__init__()
+        self.device, self.dtype = device, dtype
+
+    def before_fit(self, learn: Any) -> None:
+        self.scaler = torch.amp.GradScaler(self.device, enabled=self.device == "cuda")
+
+    def before_batch(self, learn: Any) -> None:
+        self.autocast = torch.autocast(self.device, dtype=self.dtype)
+        self.autocast.__enter__()
+
+    def after_loss(self, learn: Any) -> None:
+        self.autocast.__exit__(None, None, None)
+
+    def backward(self, learn: Any) -> None:
+        self._count("backward")
+        self.scaler.scale(learn.loss).backward()
+
+    def step(self, learn: Any) -> None:
+        self._count("step")
+        self.scaler.step(learn.opt)
+        self.scaler.update()
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ),
+    ],
+)
+def test_the_courses_mixed_precision_train_cb(device: str) -> None:
+    dtype = torch.float16 if device == "cuda" else torch.bfloat16
+    mp = MixedPrecision(device, dtype)
+    model = make_model()
+    dls = make_dls()
+    learn = Learner(
+        model, dls, F.cross_entropy, lr=0.1, opt_func=torch.optim.SGD, cbs=[DeviceCB(device), mp]
+    )
+    learn.fit(2)
+    assert mp.calls == {"predict": 6, "get_loss": 6, "backward": 4, "step": 4, "zero_grad": 4}
+    assert all(torch.isfinite(torch.tensor(learn.recorder.losses)))
+    # Under autocast the forward pass ran in low precision: the recorded losses differ from a
+    # float32 run's, but not by much.
+    plain = _learner(None)
+    plain.fit(2)
+    assert learn.recorder.losses != plain.recorder.losses
+    assert learn.recorder.losses == pytest.approx(plain.recorder.losses, rel=0.05)
