@@ -7,16 +7,18 @@ import difflib
 import math
 import re
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
 __all__ = [
     "add_note_once",
+    "check_batch",
     "check_dls",
     "check_events",
     "check_int",
+    "check_loaders",
     "check_lr",
     "check_not_empty",
     "check_number",
@@ -91,9 +93,9 @@ def check_number(name: str, value: Any, positive: bool = True, finite: bool = Fa
         raise ValueError(f"{name} must be {what} number, got {value!r}.")
 
 
-def check_lr(lr: Any) -> None:
-    """A ValueError unless `lr` is a positive number."""
-    check_number("lr", lr)
+def check_lr(lr: Any, name: str = "lr") -> None:
+    """A ValueError unless `lr` is a positive finite number."""
+    check_number(name, lr, finite=True)
 
 
 def check_dls(dls: Any) -> None:
@@ -127,3 +129,42 @@ def param_groups(opt: Any, owner: str) -> list[dict[str, Any]]:
             "optimizer, or give yours a param_groups list of dicts with 'params' and 'lr'."
         )
     return groups
+
+
+def check_loaders(dls: Any, train: bool, valid: bool) -> None:
+    """What `fit` checks of the loaders it will run, before anything runs: each is iterable
+    again (not a one-shot iterator, which the first epoch, or `lr_find`, would use up) and not
+    empty when it has a length."""
+    for name, used in (("train", train), ("valid", valid)):
+        dl = getattr(dls, name, None)
+        if not used or dl is None:
+            continue
+        if isinstance(dl, Iterator):
+            raise ValueError(
+                f"dls.{name} is a one-shot iterator ({type(dl).__name__}): the first pass would "
+                "use it up, and the next epoch (or validation, lr_find, get_preds) would see no "
+                "batch. Pass something iterable again: a DataLoader, a list of batches, or an "
+                "object whose __iter__ makes a new generator each time."
+            )
+        check_not_empty(dl, f"dls.{name}")
+
+
+def check_batch(batch: Any, where: str, n: int = 2) -> None:
+    """A ValueError unless `batch` is what the default training steps take: a tuple or list
+    `(x, y, ...)` (the input, then the targets), of at least `n` items (1 when only `predict`
+    is the default one)."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= n:
+        return
+    what = (
+        f"a {type(batch).__name__} with keys {list(batch)[:8]}"
+        if isinstance(batch, dict)
+        else describe(batch)
+    )
+    raise ValueError(
+        f"{where} yielded a batch that is {what}; a batch must be a tuple (x, y) of the "
+        "model's input and the targets (more items may follow). Make the loader yield "
+        "(x, y): e.g. a collate_fn returning (batch['image'], batch['label']), or "
+        "DataLoaders.from_dd for Hugging Face datasets; or, for batches of another shape, "
+        "override the training steps predict and get_loss (in a Learner subclass, or a "
+        "callback providing them)."
+    )

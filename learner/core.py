@@ -18,11 +18,12 @@ from torch import nn
 
 from learner.checks import (
     add_note_once,
+    check_batch,
     check_dls,
     check_events,
     check_int,
+    check_loaders,
     check_lr,
-    check_not_empty,
     describe,
 )
 from learner.utils import set_lr, snake
@@ -158,6 +159,28 @@ def as_cbs(cbs: Callback | Iterable[Callback] | None) -> list[Callback]:
     return cbs
 
 
+def _one_line(e: BaseException) -> str:
+    notes = "; ".join(getattr(e, "__notes__", ()))
+    return f"{type(e).__name__}: {e}" + (f" ({notes})" if notes else "")
+
+
+def _same_kind(old: Callback, new: Callback) -> bool:
+    """Whether adding `new` replaces `old`: both unique, `new` of `old`'s class or a subclass."""
+    return new.unique and old.unique and isinstance(new, type(old))
+
+
+class _StaleHandlers(dict[str, list[tuple[Callback, Callable[[Any], None]]]]):
+    """The dispatch table after a change of callbacks: its first lookup builds the real one (a
+    plain dict), so the hot path (`learn._handlers[event]`) never checks whether it is stale."""
+
+    def __init__(self, learn: BaseLearner) -> None:
+        super().__init__()
+        self.learn = learn
+
+    def __missing__(self, event: str) -> list[tuple[Callback, Callable[[Any], None]]]:
+        return self.learn._build_handlers()[event]
+
+
 class BaseLearner:
     """The training loop: a model, data loaders, a loss function and an optimizer, trained by
     `fit`, which fires `EVENTS` to callbacks. `learner.Learner` builds on it (default callbacks,
@@ -206,7 +229,7 @@ class BaseLearner:
         # A torch optimizer, or any object with step() and zero_grad() (the course's SGD class).
         self.opt: Any = None
         self.cbs: list[Callback] = []
-        self._handlers: dict[str, list[tuple[Callback, Callable[[BaseLearner], None]]]] = {}
+        self._handlers: dict[str, list[tuple[Callback, Callable[[BaseLearner], None]]]]
         self.epoch, self.n_epochs, self.iter, self.training = 0, 0, 0, False
         self.start_epoch, self.start_iter, self.resuming = 0, 0, False
         self.dl: Any = None
@@ -218,22 +241,38 @@ class BaseLearner:
         # accumulation) while `loss` stays the true loss.
         self.loss_grad: torch.Tensor = self.loss
         self.run_train, self.run_valid = True, True
+        self._providers: dict[str, Callback] = {}
         self._set_cbs([])
-        for cb in as_cbs(cbs):
-            self.add_cb(cb)
+        self.add_cbs(cbs or [])
 
     # -- callbacks -------------------------------------------------------------------------------
 
     def add_cb(self, cb: Callback) -> Callback | None:
         """Add `cb`; it replaces a callback of its own class (unless `cb.unique` is False). Returns
         the callback it replaced."""
-        (cb,) = as_cbs(cb)
-        old = next(
-            (c for c in self.cbs if cb.unique and c.unique and isinstance(cb, type(c))), None
-        )
-        cbs = [*self.cbs, cb] if old is None else [cb if c is old else c for c in self.cbs]
-        self._set_cbs(cbs)
-        return old
+        return self.add_cbs([cb])[0]
+
+    def add_cbs(self, cbs: Callback | Iterable[Callback]) -> list[Callback | None]:
+        """Add several callbacks at once (one change, however many): each replaces a callback of
+        its own class, as `add_cb` does. Returns the callbacks replaced, None where none was."""
+        new_cbs = as_cbs(cbs)
+        for i, cb in enumerate(new_cbs):
+            twin = next((c for c in new_cbs[:i] if _same_kind(c, cb)), None)
+            if twin is not None:
+                raise ValueError(
+                    f"The callbacks given hold two of one kind, {type(twin).__name__} and "
+                    f"{type(cb).__name__}: the second would replace the first. Pass one (a "
+                    "callback class that may be added several times sets unique = False)."
+                )
+        current, replaced = list(self.cbs), []
+        for cb in new_cbs:
+            same = [c for c in current if _same_kind(c, cb)]
+            old = same[0] if same else None
+            current = [*current, cb] if old is None else [cb if c is old else c for c in current]
+            replaced.append(old)
+        appended = all(old is None for old in replaced)
+        self._set_cbs(current, added=new_cbs if appended else None)
+        return replaced
 
     def remove_cb(self, cb: Callback) -> None:
         """Remove `cb` (an instance in `learn.cbs`)."""
@@ -260,30 +299,39 @@ class BaseLearner:
         finally:
             self._set_cbs(saved)
 
-    def _set_cbs(self, cbs: list[Callback]) -> None:
-        # Everything is resolved once per change, not once per event: dispatch is on the hot path.
-        ordered = sorted(cbs, key=lambda c: c.order)  # stable: ties keep insertion order
-        handlers = {
+    def _set_cbs(self, cbs: list[Callback], added: list[Callback] | None = None) -> None:
+        # Checked before anything is assigned. The step providers are resolved now (from the
+        # added callbacks alone when they were only appended); the dispatch table when it is
+        # first used, so a change set of any size costs one build.
+        providers = {} if added is None else dict(self._providers)
+        for cb in cbs if added is None else added:
+            for step in STEPS:
+                if callable(getattr(cb, step, None)):
+                    if step in providers:
+                        names = f"{type(providers[step]).__name__} and {type(cb).__name__}"
+                        raise ValueError(
+                            f"{names} both provide the training step {step!r}; only one "
+                            "callback may. Remove one, or combine them into one callback."
+                        )
+                    providers[step] = cb
+        self.cbs[:] = cbs
+        self._providers = providers
+        self._handlers = _StaleHandlers(self)
+        # A provided step shadows the learner's method on the instance, so that every caller
+        # (the loop, infer, a callback calling learn.zero_grad()) runs the provided one.
+        for step in STEPS:
+            if step in providers:
+                setattr(self, step, functools.partial(getattr(providers[step], step), self))
+            else:
+                vars(self).pop(step, None)
+
+    def _build_handlers(self) -> dict[str, list[tuple[Callback, Callable[[BaseLearner], None]]]]:
+        ordered = sorted(self.cbs, key=lambda c: c.order)  # stable: ties keep insertion order
+        self._handlers = {
             e: [(c, getattr(c, e)) for c in ordered if callable(getattr(c, e, None))]
             for e in EVENTS
         }
-        steps = {s: [c for c in ordered if callable(getattr(c, s, None))] for s in STEPS}
-        for step, providers in steps.items():
-            if len(providers) > 1:
-                names = " and ".join(type(c).__name__ for c in providers)
-                raise ValueError(
-                    f"{names} both provide the training step {step!r}; only one callback may. "
-                    "Remove one, or combine them into one callback."
-                )
-        self.cbs[:] = cbs
-        self._handlers = handlers
-        # A provided step shadows the learner's method on the instance, so that every caller
-        # (the loop, infer, a callback calling learn.zero_grad()) runs the provided one.
-        for step, providers in steps.items():
-            if providers:
-                setattr(self, step, functools.partial(getattr(providers[0], step), self))
-            else:
-                vars(self).pop(step, None)
+        return self._handlers
 
     def callbacks_at(self, event: str) -> list[Callback]:
         """The callbacks that run at `event`, in the order they run."""
@@ -314,6 +362,8 @@ class BaseLearner:
                     raise
                 errors.append(e)
         if errors:
+            for other in errors[1:]:  # every cleanup ran; the first error carries the others
+                errors[0].add_note(f"Another {event} failed too: {_one_line(other)}")
             raise errors[0]
 
     # -- the loop -------------------------------------------------------------------------------
@@ -340,8 +390,7 @@ class BaseLearner:
         if lr is not None:
             check_lr(lr)
         check_dls(self.dls)
-        if train:
-            check_not_empty(self.dls.train, "dls.train")
+        check_loaders(self.dls, train, valid)
         cbs = as_cbs(cbs)
         if train and self.opt is None and not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(
@@ -356,8 +405,7 @@ class BaseLearner:
 
         saved = list(self.cbs)
         try:
-            for cb in cbs:
-                self.add_cb(cb)
+            self.add_cbs(cbs)
             if train and self.opt is None:
                 self.opt = self.opt_func(self.model.parameters(), lr=lr or self.lr)
             if lr is not None:
@@ -372,6 +420,8 @@ class BaseLearner:
     def _with(self, level: str, body: Callable[[], None], cancel: type[Exception]) -> None:
         # The one place that defines event semantics: before_, body, after_; a cancel of this
         # level skips after_ quietly; cleanup_ always runs, exactly once per before_.
+        # An exception in flight wins over one a cleanup raises: the cleanup's becomes a note on
+        # it, so the original error (or Ctrl-C) is what propagates.
         before, after, cleanup = _LEVELS[level]
         try:
             self.callback(before)
@@ -379,8 +429,13 @@ class BaseLearner:
             self.callback(after)
         except cancel:
             pass
-        finally:
-            self.callback(cleanup)
+        except BaseException as e:
+            try:
+                self.callback(cleanup)
+            except BaseException as failed:
+                e.add_note(f"While it propagated, {cleanup} failed too: {_one_line(failed)}")
+            raise
+        self.callback(cleanup)
 
     def _do_epochs(self) -> None:
         for epoch in range(self.start_epoch, self.n_epochs):
@@ -409,13 +464,23 @@ class BaseLearner:
         # resumes hands the loop a loader that yields the rest of the epoch (see ResumeCB).
         start = self.start_iter if self.training else 0
         self.iter = start - 1
+        # The first batch of a phase is checked when the default steps will index it.
+        n = 2 if self._default_step("get_loss") else 1
+        unchecked = self._default_step("predict")
         for i, batch in enumerate(self.dl, start):
+            if unchecked:
+                check_batch(batch, "dls.train" if self.training else "dls.valid", n)
+                unchecked = False
             self.iter, self.batch = i, batch
             self._with("batch", self._do_batch, CancelBatchException)
         if self.training and self.iter < 0:
             raise ValueError(
                 "dls.train yielded no batches: check its dataset size, batch size and drop_last."
             )
+
+    def _default_step(self, step: str) -> bool:
+        # Neither a subclass's method nor a callback's (which shadows it on the instance).
+        return getattr(type(self), step) is getattr(BaseLearner, step) and step not in vars(self)
 
     def _do_batch(self) -> None:
         try:

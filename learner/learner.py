@@ -70,7 +70,8 @@ class Learner(BaseLearner):
                 "MetricsCB(...) to cbs yourself."
             )
         defaults = default_callbacks(metrics) if default_cbs else []
-        super().__init__(model, dls, loss_func, lr, [*defaults, *as_cbs(cbs)], opt_func)
+        super().__init__(model, dls, loss_func, lr, defaults, opt_func)
+        self.add_cbs(as_cbs(cbs))  # yours replace the defaults of their class
 
     def fit(
         self,

@@ -592,12 +592,15 @@ def test_bad_dls(tiny: dict[str, Any]) -> None:
 
 
 def test_bad_numbers(tiny: dict[str, Any]) -> None:
-    for lr in (0, -1.0, float("nan"), "0.1"):
-        with pytest.raises(ValueError, match="lr must be a positive number"):
+    for lr in (0, -1.0, float("nan"), float("inf"), -float("inf"), "0.1"):
+        with pytest.raises(ValueError, match="lr must be a positive finite number"):
             Learner(**{**tiny, "lr": lr})
     learn = Learner(**tiny)
-    with pytest.raises(ValueError, match="lr must be a positive number"):
-        learn.fit(1, lr=0)
+    for lr in (0, float("inf")):
+        with pytest.raises(ValueError, match="lr must be a positive finite number"):
+            learn.fit(1, lr=lr)
+    with pytest.raises(ValueError, match="lr_max must be a positive finite number"):
+        learn.fit_one_cycle(1, lr_max=float("inf"))
     for n in (-1, 1.5, True):
         with pytest.raises(ValueError, match="n_epochs"):
             learn.fit(n)  # type: ignore[arg-type]
@@ -614,9 +617,12 @@ def test_empty_training_loader_is_named(tiny: dict[str, Any]) -> None:
     learn = Learner(**{**tiny, "dls": SimpleNamespace(train=[], valid=None)})
     with pytest.raises(ValueError, match=r"dls\.train is empty"):
         learn.fit(1)
-    empty_iter = SimpleNamespace(train=iter(()), valid=None)  # no len(): found while training
+    class Empty:  # no len(): found while training
+        def __iter__(self) -> Any:
+            return iter(())
+
     with pytest.raises(ValueError, match=r"dls\.train yielded no batches"):
-        Learner(**{**tiny, "dls": empty_iter}).fit(1)
+        Learner(**{**tiny, "dls": SimpleNamespace(train=Empty(), valid=None)}).fit(1)
 
 
 def test_failing_loss_names_shapes_and_leaves_no_trace(tiny: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from learner.callbacks.order import ORDERS
 from learner.callbacks.tracker import Monitor
-from learner.checks import check_number, param_groups
+from learner.checks import check_lr, param_groups
 from learner.core import BaseLearner, Callback, as_cbs
 
 __all__ = [
@@ -413,7 +413,7 @@ def fit_one_cycle(
     lr_max = learn.lr if lr_max is None else lr_max
     if lr_max is None:
         raise ValueError("fit_one_cycle needs lr_max= (the Learner was made with lr=None).")
-    check_number("lr_max", lr_max)
+    check_lr(lr_max, "lr_max")
     if not 0 <= pct_start <= 1:
         raise ValueError(f"pct_start must be between 0 and 1, got {pct_start!r}.")
     if not (div > 0 and div_final > 0):
