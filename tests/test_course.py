@@ -178,7 +178,8 @@ def test_to_cpu_detaches_and_casts_half_through_containers() -> None:
 
 
 def test_lr_find_result_displays_its_plot_in_a_notebook() -> None:
-    from IPython.core.formatters import DisplayFormatter
+    formatters = pytest.importorskip("IPython.core.formatters", reason="needs IPython")
+    DisplayFormatter = formatters.DisplayFormatter
 
     learn = Learner(make_model(), make_dls(), F.cross_entropy, lr=0.1, opt_func=torch.optim.SGD)
     result = learn.lr_find(num_it=20, stop_factor=None)

@@ -76,6 +76,7 @@ def test_train_mnist(tmp_path: Path) -> None:
 
 
 def test_train_mnist_falls_back_to_digits(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn", reason="the offline fallback is scikit-learn's digits")
     empty = tmp_path / "no_data"
     empty.mkdir()
     out = run("train_mnist.py", "--epochs", 2, "--out-dir", tmp_path / "runs", "--no-download",

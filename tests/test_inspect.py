@@ -94,7 +94,10 @@ def test_show_training_loop_indents_by_level_and_follows_the_event_list(
 
 
 def test_report_is_not_echoed_again_by_ipython() -> None:
-    from IPython.core.formatters import DisplayFormatter
+    formatters = pytest.importorskip(
+        "IPython.core.formatters", reason="needs IPython, which shows a notebook cell's output"
+    )
+    DisplayFormatter = formatters.DisplayFormatter
 
     assert DisplayFormatter().format(Report("text")) == ({}, {})
     assert DisplayFormatter().format("text")[0] == {"text/plain": "'text'"}

@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from learner.callbacks.metrics import epoch_summary
 from learner.callbacks.order import ORDERS
 from learner.callbacks.recorder import RecorderCB, find_recorder
 from learner.core import BaseLearner, Callback
-from learner.distributed import is_main_process
+from learner.distributed import is_main_process, ranks_where
 
 __all__ = ["CSVLoggerCB"]
 
@@ -27,7 +28,10 @@ class CSVLoggerCB(Callback):
 
     With `append=False` the file is started afresh at the first fit; later fits of the same
     callback keep adding to it, like the recorder's history. With `append=True` rows are added to
-    an existing file (resuming a run) whose header must match the history's keys.
+    an existing file (resuming a run) whose header must match the history's keys. That is checked
+    at `before_fit`, against the columns this fit will write (`epoch` and the keys of
+    `epoch_summary`), so a mismatch is a `ValueError` before anything trains, and the file is left
+    as it was.
 
     Args:
         path: the CSV file; missing parent folders are created.
@@ -59,20 +63,42 @@ class CSVLoggerCB(Callback):
 
     def before_fit(self, learn: BaseLearner) -> None:
         self.recorder = find_recorder(learn, "CSVLoggerCB")
+        error = self._start(learn) if is_main_process() else None
+        # Rank 0 alone reads the file: the other ranks stop with it, rather than wait for it.
+        if ranks_where(error is not None):
+            raise error or ValueError(
+                f"CSVLoggerCB: rank 0 cannot log to {str(self.path)!r}: see the error there."
+            )
         if not is_main_process():  # every rank has the same history: rank 0 writes it
             self.recorder = None
-            return
         self.n_written = None  # counted at the first epoch: a resumed fit loads the recorder later
-        if self.started:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.append and self.path.exists() and self.path.stat().st_size > 0:
-            with self.path.open(newline="") as f:
-                self.header = next(csv.reader(f), None)
-        else:
-            self.path.write_text("")  # a fresh file: an old run's rows must not pass for ours
-            self.header = None
-        self.started = True
+
+    def _start(self, learn: BaseLearner) -> ValueError | None:
+        """Claim the file at the first fit; the error if its columns are not this fit's."""
+        # The row's keys as RecorderCB makes them; not the recorder's history, which a resumed fit
+        # loads only after every before_fit.
+        columns = ["epoch", *epoch_summary(learn)]
+        if not self.started:
+            if self.append and self.path.exists() and self.path.stat().st_size > 0:
+                with self.path.open(newline="") as f:
+                    header = next(csv.reader(f), None)
+                if header != columns:
+                    return self._mismatch(header, columns)
+                self.header = header
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.write_text("")  # a fresh file: an old run's rows must not pass for ours
+                self.header = None
+            self.started = True
+        elif self.header is not None and self.header != columns:  # a later fit, other metrics
+            return self._mismatch(self.header, columns)
+        return None
+
+    def _mismatch(self, header: list[str] | None, columns: list[str]) -> ValueError:
+        return ValueError(
+            f"{str(self.path)!r} has columns {header} but this run's history has {columns}: "
+            "log to another file, or pass append=False to overwrite it."
+        )
 
     def before_epoch(self, learn: BaseLearner) -> None:
         if self.recorder is not None and self.n_written is None:

@@ -47,6 +47,27 @@ def _stateful_compute(metric: Any) -> Any:
     return metric.compute()
 
 
+def _not_a_batch_mean(name: str, value: Any) -> str | None:
+    """Why `value`, function metric `name`'s value for a batch, is not one number; None if it is."""
+    try:
+        shape = tuple(torch.as_tensor(value).shape)
+    except (TypeError, ValueError, RuntimeError):
+        return f"metric {name!r} returned {type(value).__name__}, not a number"
+    if not shape:
+        return None
+    return f"metric {name!r} returned a value of shape {shape} for one batch, not a single number"
+
+
+def _batch_mean_error(problem: str) -> ValueError:
+    return ValueError(
+        f"{problem}: a function metric f(preds, targets) returns the batch mean, one number "
+        "(a 0-d tensor or a float), e.g. `(preds.argmax(-1) == targets).float().mean()`. For "
+        "per-class or other non-scalar values, pass an object with update/compute/reset instead "
+        "(e.g. torcheval's MulticlassAccuracy(average=None, num_classes=...)): its compute() may "
+        "return a tensor."
+    )
+
+
 def _to_python(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
@@ -60,10 +81,13 @@ class MetricsCB(Callback):
     batch sizes (a ragged last batch counts for what it holds). Sums accumulate on the device and
     are read once per phase, so training never waits on the host.
 
-    A metric is either a function `f(preds, targets) -> batch mean`, or an object with
-    `update(preds, targets)`, `compute()` and `reset()` (torcheval and torchmetrics metrics work as
-    given; they are moved to the model's device). The loss is tracked in both phases; metrics are
-    computed on the validation phase, or on the training phase when `fit` runs no validation.
+    A metric is either a function `f(preds, targets) -> batch mean` (one number: a 0-d tensor or a
+    float), or an object with `update(preds, targets)`, `compute()` and `reset()` (torcheval and
+    torchmetrics metrics work as given; they are moved to the model's device). A function that
+    returns anything else (e.g. per-class values) is an error at the first batch of a phase, which
+    names the metric and the shape; a stateful metric's `compute()` may return a tensor of any
+    shape (the row holds it as a list). The loss is tracked in both phases; metrics are computed
+    on the validation phase, or on the training phase when `fit` runs no validation.
 
     Under torch.distributed (`DistributedCB`) the weighted sums and sample counts of all ranks are
     added once per phase (float64), so every rank gets the value over the whole dataset. Stateful
@@ -107,6 +131,7 @@ class MetricsCB(Callback):
             self.metrics[name] = metric
         self.values: dict[str, dict[str, Any]] = {}
         self.phase: str | None = None  # "train" or "valid" while one runs
+        self.checked = False  # whether this phase's function metrics have returned one number
         self.metrics_on_train = False
         self.device = torch.device("cpu")
         self._reset(with_metrics=False)
@@ -125,7 +150,7 @@ class MetricsCB(Callback):
 
     def before_train(self, learn: BaseLearner) -> None:
         if learn.start_iter:  # resuming mid-epoch: the loaded accumulators go on
-            self.with_metrics = self.metrics_on_train
+            self.with_metrics, self.checked = self.metrics_on_train, False
         else:
             self._reset(with_metrics=self.metrics_on_train)
         self.phase = "train"
@@ -142,6 +167,7 @@ class MetricsCB(Callback):
 
     def _reset(self, with_metrics: bool) -> None:
         self.with_metrics = with_metrics
+        self.checked = False
         # Per batch: its size, and its loss and function-metric values left on the device; they
         # are weighted and summed once per phase, so a batch costs two list appends.
         self.counts: list[int] = []
@@ -168,16 +194,21 @@ class MetricsCB(Callback):
         preds, targets = learn.preds, learn.batch[1]
         if preds.requires_grad:  # metrics on the training phase; validation needs no copy
             preds = preds.detach()
+        check = not self.checked  # the first batch of each phase; later batches cost nothing
         for name, m, stateful in self._kinds:
             if stateful:
                 m.update(preds, targets)
             else:
                 value = m(preds, targets)
+                if check and (problem := _not_a_batch_mean(name, value)):
+                    phase = "training" if learn.training else "validation"
+                    raise _batch_mean_error(f"{problem} (at {phase} batch {learn.iter})")
                 self.batch_values[name].append(
                     (value.detach() if value.requires_grad else value)
                     if isinstance(value, torch.Tensor)
                     else torch.tensor(value, device=learn.loss.device)
                 )
+        self.checked = True
 
     def _compute(self) -> dict[str, Any]:
         names = ["loss", *self.metrics] if self.with_metrics else ["loss"]
@@ -186,12 +217,19 @@ class MetricsCB(Callback):
         dtype = torch.float32 if device.type == "mps" else torch.float64
         weights = torch.tensor(self.counts, dtype=dtype, device=device)
         if self.counts:
-            per_batch = torch.stack(
-                [
-                    torch.stack(vals).to(device=device, dtype=dtype)
-                    for vals in self.batch_values.values()
-                ]
-            )
+            try:
+                per_batch = torch.stack(
+                    [
+                        torch.stack(vals).to(device=device, dtype=dtype)
+                        for vals in self.batch_values.values()
+                    ]
+                )
+            except RuntimeError:  # a function metric whose value changed shape after batch 0
+                for name, vals in self.batch_values.items():
+                    for i, v in enumerate(vals):
+                        if name != "loss" and (problem := _not_a_batch_mean(name, v)):
+                            raise _batch_mean_error(f"{problem} (at batch {i})") from None
+                raise
             sums = per_batch @ weights
         else:  # no batch here, but under DDP this rank still takes part in the sum below
             sums = torch.zeros(len(self.batch_values), dtype=dtype, device=device)

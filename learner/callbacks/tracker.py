@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +193,10 @@ class SaveBestCB(Callback):
     kept. Each `fit` starts afresh, overwriting `path`; a fit resumed from a checkpoint
     (`fit(resume_from=...)`) goes on from the saved best.
 
+    At `before_fit`, before anything trains, it creates the file's folder and checks that it can
+    write there (a temporary file is created and removed): a read-only folder, or a parent that
+    cannot be created, is an error then, not after the first epoch.
+
     The file holds only tensors: load it elsewhere with
     `model.load_state_dict(torch.load(path, weights_only=True))`.
 
@@ -228,7 +234,35 @@ class SaveBestCB(Callback):
 
     def before_fit(self, learn: BaseLearner) -> None:
         self.monitor.check(learn, type(self).__name__)
+        error = self._check_writable()
+        # Every rank writes (and with load_best reads) the file: a rank that cannot stops them all.
+        if bad := ranks_where(error is not None):
+            raise error or OSError(
+                f"SaveBestCB cannot write {str(self.path)!r} on rank(s) "
+                f"{', '.join(map(str, bad))}: see the error there."
+            )
         self.best, self.best_epoch = self.monitor.worst, -1
+
+    def _check_writable(self) -> Exception | None:
+        """The error that writing `path` would end in, found now by writing a temporary file."""
+        if self.path.is_dir():
+            return ValueError(f"SaveBestCB path {str(self.path)!r} is a folder: name a file in it.")
+        folder = self.path.parent
+        probe = folder / f".{self.path.name}.{uuid.uuid4().hex}.probe"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(probe, "xb"):
+                pass
+        except OSError as e:
+            return OSError(
+                e.errno,
+                f"SaveBestCB cannot write {str(self.path)!r} ({e.strerror or e}): pass a path "
+                "in a folder you can write to",
+            )
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """`best` and `best_epoch`."""

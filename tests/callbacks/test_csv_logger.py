@@ -9,7 +9,16 @@ from typing import Any
 
 import pytest
 
-from learner import Callback, CancelFitException, CSVLoggerCB, Learner, RecorderCB, accuracy
+import learner.callbacks.csv_logger
+from learner import (
+    Callback,
+    CancelFitException,
+    CSVLoggerCB,
+    Learner,
+    MetricsCB,
+    RecorderCB,
+    accuracy,
+)
 
 
 def _read(path: Path) -> list[dict[str, str]]:
@@ -96,12 +105,65 @@ def test_append_creates_a_missing_file_and_overwrite_replaces(
     assert _as_history(_read(path)) == learn.recorder.history[1:]
 
 
-def test_appending_to_other_columns_is_an_error(tiny: dict[str, Any], tmp_path: Path) -> None:
+def test_appending_to_other_columns_fails_before_training(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
     path = tmp_path / "h.csv"
     path.write_text("epoch,train_loss,valid_loss\n0,1.0,2.0\n")
-    with pytest.raises(ValueError, match=r"has columns.*accuracy.*append=False"):
-        Learner(**tiny, metrics=accuracy).fit(1, cbs=[CSVLoggerCB(path, append=True)])
+    learn = Learner(**tiny, metrics=accuracy)
+    with pytest.raises(ValueError) as info:
+        learn.fit(1, cbs=[CSVLoggerCB(path, append=True)])
+    assert str(info.value).startswith(
+        f"{str(path)!r} has columns ['epoch', 'train_loss', 'valid_loss'] but this run's history "
+        "has ['epoch', 'train_loss', 'valid_loss', 'accuracy']: log to another file, or pass "
+        "append=False to overwrite it."
+    )
+    assert learn.recorder.history == [] and learn.recorder.losses == []  # nothing trained
     assert path.read_text() == "epoch,train_loss,valid_loss\n0,1.0,2.0\n"  # left as it was
+
+
+def test_a_resumed_fit_checks_the_columns_it_will_write(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    # At before_fit a resumed fit's recorder is still empty (its history is loaded after every
+    # before_fit): the columns come from the metrics, so a matching file is appended to ...
+    path, ckpt = tmp_path / "h.csv", tmp_path / "ckpt.pt"
+    first = Learner(**tiny, metrics=accuracy)
+    first.fit(2, cbs=[CSVLoggerCB(path)])
+    first.save(ckpt)
+    second = Learner(**tiny, metrics=accuracy)
+    second.fit(3, resume_from=ckpt, cbs=[CSVLoggerCB(path, append=True)])
+    assert _as_history(_read(path)) == second.recorder.history and len(_read(path)) == 3
+    # ... and one with other columns is an error before the resumed run trains.
+    written = path.read_text()
+    third = Learner(**tiny)
+    with pytest.raises(ValueError, match=r"has columns \[.*'accuracy'\] but this run's"):
+        third.fit(3, resume_from=ckpt, cbs=[CSVLoggerCB(path, append=True)])
+    assert third.recorder.losses == [] and path.read_text() == written
+
+
+def test_a_later_fit_with_other_metrics_fails_before_training(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    path = tmp_path / "h.csv"
+    learn = Learner(**tiny, cbs=[CSVLoggerCB(path)])
+    learn.fit(1)
+    learn.add_cb(MetricsCB(accuracy))  # replaces the metrics: the rows get another column
+    with pytest.raises(ValueError, match=r"has columns .* but this run's history has .*accuracy"):
+        learn.fit(1)
+    assert len(learn.recorder.history) == 1 and len(_read(path)) == 1
+
+
+def test_other_ranks_stop_with_rank_zero(
+    tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rank 1 (as torchrun sets it) does not read the file; rank 0 found it has other columns.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(learner.callbacks.csv_logger, "ranks_where", lambda flag: [0])
+    learn = Learner(**tiny)
+    with pytest.raises(ValueError, match="rank 0 cannot log to"):
+        learn.fit(1, cbs=[CSVLoggerCB(tmp_path / "h.csv", append=True)])
+    assert learn.recorder.losses == []
 
 
 def test_an_epoch_cancelled_after_recording_is_still_written(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -51,8 +52,10 @@ def test_train_values_equal_full_dataset_without_validation(bs: int) -> None:
 
 
 def test_stateful_metric_objects_give_their_full_dataset_answers() -> None:
-    from torcheval.metrics import MulticlassAccuracy
-    from torchmetrics.classification import MulticlassF1Score
+    reason = 'needs torcheval and torchmetrics: pip install "learner[test]"'
+    MulticlassAccuracy = pytest.importorskip("torcheval.metrics", reason=reason).MulticlassAccuracy
+    classification = pytest.importorskip("torchmetrics.classification", reason=reason)
+    MulticlassF1Score = classification.MulticlassF1Score
 
     x, y = make_data(23 + 40, seed=5)
     dls = SimpleNamespace(train=batches(x[23:], y[23:], 8), valid=batches(x[:23], y[:23], 7))
@@ -117,3 +120,103 @@ def _count_syncs(monkeypatch: pytest.MonkeyPatch, n_batches: int) -> int:
 def test_no_host_sync_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     few, many = _count_syncs(monkeypatch, 3), _count_syncs(monkeypatch, 30)
     assert few == many
+
+
+# -- metrics that return more than one number --------------------------------------------------
+
+
+def per_class_accuracy(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Accuracy of each of the 3 classes: shape (3,), not a batch mean."""
+    hits = preds.argmax(dim=-1) == targets
+    return torch.stack([hits[targets == c].float().mean() for c in range(3)])
+
+
+@pytest.mark.parametrize("valid", [True, False])
+@pytest.mark.parametrize(
+    "returns, what",
+    [
+        (per_class_accuracy, r"returned a value of shape \(3,\)"),
+        (lambda p, t: [0.5, 0.25], r"returned a value of shape \(2,\)"),
+        (lambda p, t: accuracy(p, t).reshape(1), r"returned a value of shape \(1,\)"),
+        (lambda p, t: "0.5", "returned str, not a number"),
+    ],
+    ids=["per-class", "list", "shape-1", "str"],
+)
+def test_a_function_metric_returning_more_than_a_number_fails_at_the_first_batch(
+    valid: bool, returns: Any, what: str
+) -> None:
+    calls = []
+
+    def per_class(preds: torch.Tensor, targets: torch.Tensor) -> Any:
+        calls.append(1)
+        return returns(preds, targets)
+
+    x, y = make_data(24, seed=8)
+    dls = SimpleNamespace(  # 3 batches in each phase: it fails at the first, not at the end
+        train=batches(x[:12], y[:12], 4), valid=batches(x[12:], y[12:], 4) if valid else None
+    )
+    learn = Learner(make_model(), dls, F.cross_entropy, metrics={"per_class": per_class})
+    phase = "validation" if valid else "training"
+    with pytest.raises(ValueError, match=f"metric 'per_class' {what}") as info:
+        learn.fit(2)
+    message = str(info.value)
+    assert f"(at {phase} batch 0)" in message
+    assert "batch mean" in message and "update/compute/reset" in message  # how to fix it
+    assert len(calls) == 1 and learn.epoch == 0
+
+
+def test_a_function_metric_changing_shape_after_the_first_batch_is_named() -> None:
+    # Only the first batch of a phase is checked (a per-batch check costs every batch); a later
+    # batch of another shape is named when the phase's values are summed.
+    def sometimes(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        value = accuracy(preds, targets)
+        return value if len(targets) == 4 else value.repeat(2)
+
+    x, y = make_data(22, seed=8)
+    dls = SimpleNamespace(train=batches(x[:12], y[:12], 4), valid=batches(x[12:], y[12:], 4))
+    learn = Learner(make_model(), dls, F.cross_entropy, metrics={"sometimes": sometimes})
+    with pytest.raises(ValueError, match=r"'sometimes' .* shape \(2,\) .*\(at batch 2\)"):
+        learn.fit(1)
+
+
+class PerClassHits:
+    """A stateful metric whose compute() is a tensor of shape (3,): hits of each class."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.hits = torch.zeros(3)
+
+    def update(self, preds: torch.Tensor, targets: torch.Tensor) -> None:
+        hits = preds.argmax(dim=-1) == targets
+        self.hits += torch.stack([hits[targets == c].float().sum() for c in range(3)])
+
+    def compute(self) -> torch.Tensor:
+        return self.hits.clone()
+
+
+def test_stateful_metrics_may_compute_more_than_a_number() -> None:
+    x, y = make_data(23 + 16, seed=9)
+    dls = SimpleNamespace(train=batches(x[23:], y[23:], 8), valid=batches(x[:23], y[:23], 7))
+    learn = Learner(make_model(), dls, F.cross_entropy, cbs=[MetricsCB(hits=PerClassHits())])
+    learn.fit(2)
+    with torch.no_grad():
+        hits = learn.model.eval()(x[:23]).argmax(dim=-1) == y[:23]
+    want = [hits[y[:23] == c].float().sum().item() for c in range(3)]
+    assert learn.recorder.history[-1]["hits"] == want  # a list, over the whole phase
+
+
+def test_torcheval_per_class_accuracy_is_a_list() -> None:
+    metrics = pytest.importorskip(
+        "torcheval.metrics", reason='needs torcheval: pip install "learner[test]"'
+    )
+    x, y = make_data(23 + 16, seed=9)
+    dls = SimpleNamespace(train=batches(x[23:], y[23:], 8), valid=batches(x[:23], y[:23], 7))
+    acc = metrics.MulticlassAccuracy(average=None, num_classes=3)
+    learn = Learner(make_model(), dls, F.cross_entropy, cbs=[MetricsCB(per_class=acc)])
+    learn.fit(1)
+    with torch.no_grad():
+        preds = learn.model.eval()(x[:23])
+    want = [per_class_accuracy(preds, y[:23])[c].item() for c in range(3)]
+    assert learn.recorder.history[0]["per_class"] == pytest.approx(want, abs=1e-6)

@@ -265,6 +265,7 @@ def _torchrun(out: Path, case: str, timeout: float) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    pytest.importorskip("torcheval", reason="the two-process runs use a torcheval metric")
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("needs torch.distributed with gloo")
     out = tmp_path_factory.mktemp("ddp")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -205,6 +207,64 @@ def test_save_best_failed_write_keeps_the_previous_best(
         learn.fit(3, cbs=[SaveBestCB(path, "score")])
     assert same_weights(torch.load(path, weights_only=True), probe.weights[1])
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
+class FolderSeenCB(Callback):
+    """What is in `folder` at `before_fit`, just after SaveBestCB's."""
+
+    order = SaveBestCB.order + 1
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.seen = folder, None
+
+    def before_fit(self, learn: Learner) -> None:
+        self.seen = sorted(p.name for p in self.folder.iterdir()) if self.folder.is_dir() else None
+
+
+def test_save_best_makes_its_folder_before_training_and_leaves_no_trace(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    folder = tmp_path / "models" / "run1"
+    spy = FolderSeenCB(folder)
+    learn = learner_with([0.5, 0.25], tiny, cbs=[spy])
+    learn.fit(2, cbs=[SaveBestCB(folder / "best.pt", "score")])
+    assert spy.seen == []  # created, writable, and the probe file is gone
+    assert [p.name for p in folder.iterdir()] == ["best.pt"]
+
+
+def _fails_before_training(learn: Learner, save: SaveBestCB, error: Any, match: str) -> None:
+    with pytest.raises(error, match=match):
+        learn.fit(2, cbs=[save])
+    assert learn.recorder.history == [] and learn.recorder.losses == []  # nothing trained
+
+
+def test_save_best_into_a_folder_that_cannot_be_made_fails_before_training(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    (tmp_path / "models").write_text("a file where the folder should be")
+    path = tmp_path / "models" / "best.pt"
+    learn = learner_with([0.5, 0.25], tiny)
+    match = rf"SaveBestCB cannot write {re.escape(repr(str(path)))}.*in a folder you can write to"
+    _fails_before_training(learn, SaveBestCB(path, "score"), OSError, match)
+    _fails_before_training(learn, SaveBestCB(tmp_path, "score"), ValueError, "is a folder")
+
+
+@pytest.mark.skipif(
+    os.name != "posix" or os.geteuid() == 0, reason="needs a POSIX user that permissions stop"
+)
+def test_save_best_into_a_read_only_folder_fails_before_training(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        learn = learner_with([0.5, 0.25], tiny)
+        save = SaveBestCB(folder / "best.pt", "score")
+        _fails_before_training(learn, save, PermissionError, "SaveBestCB cannot write")
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o755)
 
 
 # -- TerminateOnNaNCB ------------------------------------------------------------------------------
