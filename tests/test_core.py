@@ -617,6 +617,7 @@ def test_empty_training_loader_is_named(tiny: dict[str, Any]) -> None:
     learn = Learner(**{**tiny, "dls": SimpleNamespace(train=[], valid=None)})
     with pytest.raises(ValueError, match=r"dls\.train is empty"):
         learn.fit(1)
+
     class Empty:  # no len(): found while training
         def __iter__(self) -> Any:
             return iter(())

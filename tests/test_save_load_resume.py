@@ -1,23 +1,30 @@
 """Checkpoints: what a file holds, atomic writes, weights_only loading, clear errors that change
-nothing, unwrapped keys, and exact resume in a new process."""
+nothing (a damaged file, a missing section, another optimizer, another training loader
+mid-epoch), unwrapped keys, and exact resume in a new process."""
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import make_model
+import torch.nn.functional as F
+from conftest import make_data, make_model
 from resume_run import StopAt, fit, make_learner, results
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import learner.io
-from learner import Callback, CheckpointCB, Learner
+from learner import Callback, CheckpointCB, DataLoaders, Learner, TensorLoader
+from learner.saving import loader_shape
+from learner.sharding import TensorLoaderShard
 
 ROOT = Path(__file__).parent.parent
 
@@ -270,9 +277,15 @@ def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         learn = make_learner(config)
         ckpt_cb = CheckpointCB(path, **ckpt_args)
         if stop == "ctrl_c":
-            with pytest.raises(KeyboardInterrupt):
-                fit(learn, config, cbs=[ckpt_cb, CtrlCAt(1, 1)])
-            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            # Ctrl-C as in an interactive session, whatever this process was started with
+            # (SIG_IGN under nohup), and that handler back afterwards.
+            found = signal.signal(signal.SIGINT, signal.default_int_handler)
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    fit(learn, config, cbs=[ckpt_cb, CtrlCAt(1, 1)])
+                assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            finally:
+                signal.signal(signal.SIGINT, found)
         else:
             fit(learn, config, cbs=[ckpt_cb, StopAt(*stop)])
         out["written"][name] = ckpt_cb.written[-1]
@@ -329,3 +342,286 @@ def test_resume_from_rejects_lr(tiny: dict[str, Any], tmp_path: Path) -> None:
 def test_a_missing_checkpoint_is_a_clear_error(tiny: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="No checkpoint at"):
         Learner(**tiny).fit(1, resume_from=tmp_path / "nope.pt")
+
+
+# -- what is checked before anything is assigned --------------------------------------------------
+
+
+def _rewrite(path: Path, change: Callable[[dict[str, Any]], Any]) -> None:
+    ckpt = torch.load(path, weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, path)
+
+
+def _as_version_1(ckpt: dict[str, Any]) -> None:
+    # A checkpoint as the learner wrote it before the checksum: no opt_class, no train_loader.
+    ckpt["version"] = 1
+    del ckpt["checksum"], ckpt["opt_class"]
+    ckpt["progress"].pop("train_loader", None)
+
+
+class Snapshot:
+    """What must not change when a load or a resume is refused: weights, optimizer state,
+    records, random states."""
+
+    def __init__(self, learn: Learner) -> None:
+        self.learn = learn
+        self.weights = {k: v.clone() for k, v in learn.model.state_dict().items()}
+        self.opt = copy.deepcopy(learn.opt.state_dict()) if learn.opt is not None else None
+        self.losses = list(learn.recorder.losses)
+        self.rng = torch.get_rng_state()
+
+    def unchanged(self) -> bool:
+        learn = self.learn
+        weights = learn.model.state_dict()
+        opt = learn.opt.state_dict() if learn.opt is not None else None
+        return (
+            all(torch.equal(weights[k], v) for k, v in self.weights.items())
+            and _same(opt, self.opt)
+            and learn.recorder.losses == self.losses
+            and torch.equal(torch.get_rng_state(), self.rng)
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return bool(a == b)
+
+
+def _other(tiny: dict[str, Any], **kwargs: Any) -> Learner:
+    """Another learner, trained a little, with a momentum optimizer: state everywhere."""
+    sgd = lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9)
+    other = Learner(**{**tiny, "model": make_model(seed=1), "opt_func": sgd, **kwargs})
+    other.fit(1)
+    return other
+
+
+def _refused(learn: Learner, path: Path, match: str, load: bool = True) -> None:
+    """Load (with `load`) and resume refuse `path` with a ValueError matching `match`, changing
+    nothing (a resume: before any callback's before_fit)."""
+    snap = Snapshot(learn)
+    if load:
+        with pytest.raises(ValueError, match=match):
+            learn.load(path)
+        assert snap.unchanged()
+    seen: list[str] = []
+
+    class SeeCB(Callback):
+        def before_fit(self, learn: Learner) -> None:
+            seen.append("before_fit")
+
+    with pytest.raises(ValueError, match=match):
+        learn.fit(2, cbs=[SeeCB()], resume_from=path)
+    assert seen == [] and snap.unchanged()
+
+
+def test_an_empty_file_is_a_clear_error(tiny: dict[str, Any], tmp_path: Path) -> None:
+    (tmp_path / "ck.pt").write_bytes(b"")
+    _refused(_other(tiny), tmp_path / "ck.pt", "is empty")
+
+
+SECTIONS = ["model", "grads", "opt", "opt_class", "callbacks", "progress", "rng", "epoch_rng"]
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_a_missing_section_is_a_clear_error_and_changes_nothing(
+    tiny: dict[str, Any], tmp_path: Path, section: str
+) -> None:
+    _trained(tiny).save(tmp_path / "ck.pt")
+    _rewrite(tmp_path / "ck.pt", lambda ckpt: ckpt.pop(section))
+    _refused(_other(tiny), tmp_path / "ck.pt", f"missing sections: {section}")
+
+
+# A section of the wrong type or layout (in a version 1 file, which has no checksum to refuse it
+# first): what is wrong, with the message it gets.
+BAD_SECTIONS = {
+    "grads": ({"0.weight": [1.0]}, "grads: not a dict of tensors by name"),
+    "opt": ([1, 2], "opt: not a state_dict"),
+    "callbacks": ({"recorder": [1]}, "callbacks: not a dict of callback states"),
+    "progress": ({"epoch": 1, "n_epochs": 1}, "progress: not a dict of epoch, iter, n_epochs"),
+    "rng": ({"python": 1, "numpy": 2, "torch": 3, "generators": []}, "rng: does not hold valid"),
+    "epoch_rng": ({"python": (3, (1, 2), None)}, "epoch_rng: lacks the random states of numpy"),
+}
+
+
+@pytest.mark.parametrize("section", list(BAD_SECTIONS))
+def test_a_section_of_the_wrong_layout_is_a_clear_error(
+    tiny: dict[str, Any], tmp_path: Path, section: str
+) -> None:
+    value, match = BAD_SECTIONS[section]
+    _trained(tiny).save(tmp_path / "ck.pt")
+    _rewrite(tmp_path / "ck.pt", lambda ckpt: (_as_version_1(ckpt), ckpt.update({section: value})))
+    _refused(_other(tiny), tmp_path / "ck.pt", match)
+
+
+def test_random_states_of_the_wrong_size_are_refused_before_anything_changes(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    _trained(tiny).save(tmp_path / "ck.pt")
+
+    def truncate(ckpt: dict[str, Any]) -> None:
+        _as_version_1(ckpt)
+        ckpt["rng"]["torch"] = ckpt["rng"]["torch"][:100]
+
+    _rewrite(tmp_path / "ck.pt", truncate)
+    _refused(_other(tiny), tmp_path / "ck.pt", "rng: does not hold valid random states")
+
+
+def test_another_kind_of_optimizer_is_refused_naming_both(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    learn = _trained({**tiny, "opt_func": torch.optim.SGD})
+    learn.save(tmp_path / "ck.pt")
+    assert torch.load(tmp_path / "ck.pt", weights_only=True)["opt_class"] == "SGD"
+    adamw = _other(tiny, opt_func=torch.optim.AdamW)
+    _refused(adamw, tmp_path / "ck.pt", r"an? SGD's.*is a AdamW.*with_opt=False")
+    adamw.load(tmp_path / "ck.pt", with_opt=False)  # the weights only, as the message says
+    assert _equal_weights(adamw.model, learn.model)
+    adamw.fit(1)  # and it trains on
+
+
+@pytest.mark.parametrize(
+    ("saved", "loading", "match"),
+    [
+        (torch.optim.SGD, torch.optim.AdamW, "lacks hyper-parameters.*betas, eps"),
+        (torch.optim.AdamW, "sgd_momentum", "lacks hyper-parameters.*momentum, dampening"),
+    ],
+)
+def test_a_version_1_file_of_another_optimizer_is_refused_by_its_keys(
+    tiny: dict[str, Any], tmp_path: Path, saved: Any, loading: Any, match: str
+) -> None:
+    _trained({**tiny, "opt_func": saved}).save(tmp_path / "ck.pt")
+    _rewrite(tmp_path / "ck.pt", _as_version_1)
+    other = _other(tiny) if loading == "sgd_momentum" else _other(tiny, opt_func=loading)
+    with pytest.warns(UserWarning, match="version 1"):
+        _refused(other, tmp_path / "ck.pt", match)
+
+
+def test_optimizer_states_that_share_no_key_are_refused(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    # Same class name, same hyper-parameter keys, different state: another optimizer.
+    class Odd(torch.optim.SGD):
+        def state_dict(self) -> dict[str, Any]:
+            state = super().state_dict()
+            state["state"] = {i: {"odd_buffer": torch.zeros(1)} for i in state["state"]}
+            return state
+
+    Odd.__name__ = "SGD"
+    sgd = lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9)
+    odd = lambda params, lr: Odd(params, lr=lr, momentum=0.9)
+    _trained({**tiny, "opt_func": odd}).save(tmp_path / "ck.pt")
+    _refused(_other(tiny, opt_func=sgd), tmp_path / "ck.pt", "holds odd_buffer.*momentum_buffer")
+
+
+def _flip_a_byte_of(path: Path, t: torch.Tensor) -> None:
+    data = bytearray(path.read_bytes())
+    at = data.find(t.numpy().tobytes())
+    assert at > 0
+    data[at + 5] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_is_refused_as_corrupt_naming_the_section(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    learn = _trained(tiny)
+    learn.save(tmp_path / "ck.pt")
+    ckpt = torch.load(tmp_path / "ck.pt", weights_only=True)  # still a plain weights_only file
+    assert ckpt["version"] == 2 and ckpt["checksum"]["algorithm"] == "crc32"
+    assert set(ckpt["checksum"]["sections"]) == {"format", "version", *SECTIONS}
+    _flip_a_byte_of(tmp_path / "ck.pt", learn.model.state_dict()["0.weight"])
+    torch.load(tmp_path / "ck.pt", weights_only=True)  # torch sees nothing wrong
+    _refused(_other(tiny), tmp_path / "ck.pt", r"is corrupt: .* section\(s\) model does not")
+
+
+def test_a_flipped_byte_in_the_optimizer_state_names_it(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    learn = _other(tiny)
+    learn.save(tmp_path / "ck.pt")
+    assert learn.opt is not None
+    momentum = learn.opt.state_dict()["state"][0]["momentum_buffer"]
+    _flip_a_byte_of(tmp_path / "ck.pt", momentum)
+    _refused(_other(tiny), tmp_path / "ck.pt", r"section\(s\) opt does not")
+
+
+def test_a_version_1_file_loads_and_resumes_with_a_warning(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    learn = _trained(tiny)
+    learn.save(tmp_path / "ck.pt")
+    _rewrite(tmp_path / "ck.pt", _as_version_1)
+    other = Learner(**{**tiny, "model": make_model(seed=1)})
+    with pytest.warns(UserWarning, match="version 1 checkpoint: it has no checksum"):
+        other.load(tmp_path / "ck.pt")
+    assert _equal_weights(other.model, learn.model)
+    with pytest.warns(UserWarning, match="version 1"):
+        other.fit(2, resume_from=tmp_path / "ck.pt")
+    learn.fit(1)
+    assert _equal_weights(other.model, learn.model)
+
+
+def test_an_unknown_version_is_refused(tiny: dict[str, Any], tmp_path: Path) -> None:
+    _trained(tiny).save(tmp_path / "ck.pt")
+    _rewrite(tmp_path / "ck.pt", lambda ckpt: ckpt.update(version=3))
+    _refused(_other(tiny), tmp_path / "ck.pt", "version 3; this learner reads versions 1, 2")
+
+
+def _tensor_learner(n: int = 30, bs: int = 8, seed: int = 0) -> Learner:
+    x, y = make_data(n + 8, seed=seed)
+    dls = DataLoaders.from_tensors(x[:n], y[:n], x[n:], y[n:], bs=bs)
+    return Learner(make_model(), dls, F.cross_entropy, lr=0.1)
+
+
+@pytest.mark.parametrize(
+    ("n", "bs", "match"),
+    [
+        (30, 4, "batch size: 8 in the saved run, 4 now; batches: 4 in the saved run, 8 now"),
+        (32, 8, "samples: 30 in the saved run, 32 now"),
+    ],
+)
+def test_mid_epoch_resume_with_another_loader_is_refused_saying_what_differs(
+    tmp_path: Path, n: int, bs: int, match: str
+) -> None:
+    path = tmp_path / "ck.pt"
+    learn = _tensor_learner()
+    learn.fit(1, cbs=[CheckpointCB(path, every_n_epochs=None, every_n_batches=2)])
+    progress = torch.load(path, weights_only=True)["progress"]
+    assert progress["train_loader"] == {"bs": 8, "n": 30, "batches": 4}
+    other = _tensor_learner(n, bs)
+    other.fit(1)
+    _refused(other, path, match, load=False)  # load loads no position: nothing to refuse
+    other.load(path)
+    _tensor_learner().fit(1, resume_from=path)  # the saved run's loader resumes
+
+
+def test_epoch_boundary_resume_allows_another_batch_size(tmp_path: Path) -> None:
+    path = tmp_path / "ck.pt"
+    _tensor_learner().fit(1, cbs=[CheckpointCB(path)])
+    assert "train_loader" not in torch.load(path, weights_only=True)["progress"]
+    other = _tensor_learner(bs=4)
+    other.fit(2, resume_from=path)
+    assert other.recorder.epoch_iters[-1] - other.recorder.epoch_iters[-2] == 8
+
+
+def test_loader_shape_tells_what_each_loader_tells() -> None:
+    x = torch.zeros(30, 4)
+    assert loader_shape(TensorLoader(x, bs=8)) == {"bs": 8, "n": 30, "batches": 4}
+    assert loader_shape(DataLoader(TensorDataset(x), batch_size=8, drop_last=True)) == {
+        "bs": 8,
+        "n": 30,
+        "batches": 3,
+    }
+    assert loader_shape([1, 2]) == {"bs": None, "n": None, "batches": 2}
+    assert loader_shape(iter([1, 2])) == {"bs": None, "n": None, "batches": None}
+    # A shard's number of batches depends on the number of processes: not recorded.
+    shard = {"bs": 8, "n": 30, "batches": None}
+    assert loader_shape(TensorLoaderShard(TensorLoader(x, bs=8), 0, 2)) == shard
+    sampler = DistributedSampler(TensorDataset(x), num_replicas=2, rank=0)
+    assert loader_shape(DataLoader(TensorDataset(x), batch_size=8, sampler=sampler)) == shard

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -15,6 +16,7 @@ from learner.callbacks.order import ORDERS
 from learner.checks import check_int
 from learner.core import BaseLearner, Callback
 from learner.distributed import is_main_process
+from learner.io import check_writable, remove_stale_temps, temp_path
 from learner.rng import rng_state
 from learner.saving import save
 
@@ -33,9 +35,15 @@ class CheckpointCB(Callback):
     recorded (at `after_epoch`). At the start of each training phase it keeps the random states
     the epoch's shuffle is drawn from, so that a resumed epoch sees the same batches.
 
+    At `before_fit` it checks that it can write there (creating the folder, and a temporary file
+    in it), so an unwritable path fails at once, naming it, rather than after the first epoch.
+
     Ctrl-C during a fit (in the main thread) does not stop it at once: the current training
     batch, or the epoch during validation, is finished, a checkpoint of that point is written,
-    and then `KeyboardInterrupt` is raised, as usual. A second Ctrl-C stops at once.
+    and then `KeyboardInterrupt` is raised, as usual. A second Ctrl-C stops at once. The SIGINT
+    handler found at `before_fit` is put back at the end of the fit, whatever it was. A process
+    that ignores SIGINT (`signal.SIG_IGN`: started by `nohup`, as a background job, by some
+    CI runners) asked not to be interrupted by it: then this callback leaves it ignored.
 
     A fit stopped by `EarlyStoppingCB` is not checkpointed at the epoch that stopped it (that
     callback, order 60, ends the fit before this one's `after_epoch`): resuming from the previous
@@ -78,7 +86,7 @@ class CheckpointCB(Callback):
         self.n_batches = 0  # training batches completed in this fit
         self.batch_done = False
         self.interrupted = False
-        self._old_handler: Any = None
+        self._old_handler: Any = None  # the SIGINT handler to put back; None: none replaced
         self.written: list[tuple[int, int]] = []  # (epoch, batches done) of each write
 
     # -- Ctrl-C: finish the step, write, then stop --
@@ -94,10 +102,16 @@ class CheckpointCB(Callback):
 
     def before_fit(self, learn: BaseLearner) -> None:
         self.n_batches, self.batch_done, self.interrupted = 0, False, False
-        if threading.current_thread() is threading.main_thread():
-            old = signal.signal(signal.SIGINT, self._on_sigint)
-            # None: a handler not set from Python; the default one raises KeyboardInterrupt.
-            self._old_handler = signal.default_int_handler if old is None else old
+        if is_main_process():  # the one writer: fail now rather than after an epoch
+            check_writable(self.path)
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set signal handlers
+        old = signal.getsignal(signal.SIGINT)
+        if old == signal.SIG_IGN:  # the process asked not to be interrupted: leave it so
+            return
+        signal.signal(signal.SIGINT, self._on_sigint)
+        # None: a handler not set from Python; the default one raises KeyboardInterrupt.
+        self._old_handler = signal.default_int_handler if old is None else old
 
     def cleanup_fit(self, learn: BaseLearner) -> None:
         if self._old_handler is not None:
@@ -155,15 +169,22 @@ class CheckpointCB(Callback):
 
     def _rotate(self) -> None:
         # Shift name.1 -> name.2 ..., then keep the newest as name.1 by a hard link (or a copy),
-        # so `path` itself holds a complete checkpoint until the new one replaces it.
+        # so `path` itself holds a complete checkpoint until the new one replaces it. The link or
+        # copy goes through a temporary file of a unique name, as atomic_save's.
+        start = time.time()
         for i in range(self.keep_last - 1, 1, -1):
             if self._kept(i - 1).exists():
                 os.replace(self._kept(i - 1), self._kept(i))
-        tmp = self._kept(1).with_name(f".{self._kept(1).name}.tmp")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        kept = self._kept(1)
+        tmp = temp_path(kept)
         try:
-            os.link(self.path, tmp)
-        except OSError:  # no hard links on this file system
-            shutil.copy2(self.path, tmp)
-        os.replace(tmp, self._kept(1))
+            try:
+                os.link(self.path, tmp)
+            except OSError:  # no hard links on this file system
+                shutil.copy2(self.path, tmp)
+            os.replace(tmp, kept)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        remove_stale_temps(kept, before=start)

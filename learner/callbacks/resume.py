@@ -9,7 +9,7 @@ from typing import Any
 from learner.callbacks.order import ORDERS
 from learner.core import BaseLearner, Callback
 from learner.rng import set_rng_state
-from learner.saving import check_model, read_checkpoint, restore
+from learner.saving import check_fits, check_position, read_checkpoint, restore
 
 __all__ = ["ResumeCB"]
 
@@ -17,15 +17,19 @@ __all__ = ["ResumeCB"]
 class ResumeCB(Callback):
     """Continues the run saved in a checkpoint (`learn.save`, `CheckpointCB`).
 
-    `fit(n_epochs, resume_from=path)` adds it for that fit; the file is read and checked against
-    the model when the fit is called, and the fit starts where the run stopped
-    (`learn.start_epoch`, `learn.start_iter`, with `learn.resuming` True). The protocol:
+    `fit(n_epochs, resume_from=path)` adds it for that fit, and the fit starts where the run
+    stopped (`learn.start_epoch`, `learn.start_iter`, with `learn.resuming` True). When the fit
+    is called, before anything runs or changes, the file is read and checked whole
+    (`read_checkpoint`: its checksum and layout) and against the learner (`check_fits`: the
+    model, the gradients, the optimizer's class and keys), and a resume mid-epoch against the
+    training loader (`check_position`: its batch size, samples and batches). The protocol:
 
     1. Every callback's `before_fit` runs as in a fresh fit: callbacks set themselves up (build
        their scheduler or GradScaler, reset their counters).
-    2. Then, last at `before_fit`, this callback puts the run back: the weights, the gradients
-       held between steps, the optimizer state, every callback's `load_state_dict`, and the
-       random states (mid-epoch: those the epoch's shuffle was drawn from).
+    2. Then, last at `before_fit`, this callback puts the run back (`restore`): every callback's
+       `load_state_dict` (first: a callback that refuses its state leaves the rest untouched),
+       the weights, the gradients held between steps, the optimizer state, and the random
+       states (mid-epoch: those the epoch's shuffle was drawn from).
     3. Mid-epoch, at the first `before_train`, it hands the loop a loader that skips the
        batches the saved run trained on (without running them), then puts back the random
        states of the moment the checkpoint was written. Callbacks that accumulate over a
@@ -36,17 +40,29 @@ class ResumeCB(Callback):
 
     Events: `before_fit`, `before_train`. Order: 1000 (after every other callback's
     `before_fit`).
+
+    Args:
+        learn: the learner that resumes, checked against the checkpoint now.
+        path: the checkpoint (`learn.save`, `CheckpointCB`).
+
+    Examples:
+        >>> learn.fit(10, cbs=[CheckpointCB("run/ckpt.pt")], resume_from="run/ckpt.pt")
     """
 
     order = ORDERS["ResumeCB"]
 
     def __init__(self, learn: BaseLearner, path: str | os.PathLike[str]) -> None:
-        self.path = path
+        self.path, self.dls = path, learn.dls
         self.ckpt = read_checkpoint(path)
-        check_model(learn.model, self.ckpt["model"], path)  # before anything runs
+        # Before anything runs; the optimizer too, on one made for the check if the learner has
+        # none yet (the fit makes it later).
+        check_fits(learn, self.ckpt, path)
 
     def start(self, n_epochs: int) -> tuple[int, int]:
-        """`(epoch, batch)` where a fit of `n_epochs` epochs resumes the saved run."""
+        """`(epoch, batch)` where a fit of `n_epochs` epochs resumes the saved run.
+
+        Mid-epoch, checks first that the training loader is the saved run's (`check_position`).
+        """
         epoch, batch = self.ckpt["progress"]["epoch"], self.ckpt["progress"]["iter"]
         if epoch >= n_epochs:
             print(
@@ -55,6 +71,7 @@ class ResumeCB(Callback):
                 flush=True,
             )
             return n_epochs, 0
+        check_position(self.dls, self.ckpt["progress"], self.path)
         return epoch, batch
 
     def before_fit(self, learn: BaseLearner) -> None:

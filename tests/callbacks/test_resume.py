@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import make_model
 
 from learner import Callback, CancelFitException, CheckpointCB, Learner
 
@@ -127,3 +128,33 @@ def test_a_failed_resume_leaves_no_resuming_state(tiny: dict[str, Any], tmp_path
     with pytest.raises(ValueError, match="leave out lr"):
         learn.fit(3, lr=0.1, resume_from=tmp_path / "ckpt.pt")
     assert (learn.resuming, learn.start_epoch, learn.start_iter) == (False, 0, 0)
+
+
+class PickyCB(Callback):
+    """Saves a state, and refuses one without `x` (a callback whose format changed)."""
+
+    order = 50  # after the recorder, so the recorder's state is loaded before this one fails
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"y": 1}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.x = state["x"]
+
+
+def test_a_callback_refusing_its_state_leaves_the_run_as_it_was(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    Learner(**tiny, cbs=[PickyCB()]).fit(2, cbs=[CheckpointCB(tmp_path / "ckpt.pt")])
+    learn = Learner(**{**tiny, "model": make_model(seed=1)}, cbs=[PickyCB()])
+    learn.fit(1)
+    weights = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    assert learn.opt is not None
+    opt, losses = learn.opt.state_dict(), list(learn.recorder.losses)
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"callback 'picky'.*KeyError: 'x'"):
+        learn.fit(3, resume_from=tmp_path / "ckpt.pt")
+    assert all(torch.equal(learn.model.state_dict()[k], v) for k, v in weights.items())
+    assert learn.opt.state_dict() == opt
+    assert learn.recorder.losses == losses  # loaded before the refusal, then put back
+    assert torch.equal(torch.get_rng_state(), rng)
