@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_model
 
 from learner import Callback, CancelFitException, CheckpointCB, Learner
@@ -158,3 +159,18 @@ def test_a_callback_refusing_its_state_leaves_the_run_as_it_was(
     assert learn.opt.state_dict() == opt
     assert learn.recorder.losses == losses  # loaded before the refusal, then put back
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_learner_without_a_rate_resumes(tmp_path: Path) -> None:
+    from conftest import make_dls, make_model
+
+    def make() -> Learner:
+        return Learner(make_model(), make_dls(), F.cross_entropy, lr=None)
+
+    learn = make()
+    learn.fit_one_cycle(2, lr_max=0.01, cbs=CheckpointCB(tmp_path / "ckpt.pt"))
+    other = make()  # no rate, no optimizer: the saved optimizer's rate and state are used
+    other.fit(3, resume_from=tmp_path / "ckpt.pt")
+    assert other.lr is None and other.opt is not None
+    assert len(other.recorder.history) == 3
+    assert other.opt.param_groups[0]["lr"] == learn.opt.param_groups[0]["lr"]
