@@ -56,11 +56,13 @@ from learner.core import (
 from learner.data import DataLoaders, TensorLoader, collate_dict, inplace
 from learner.hooks import Hook, Hooks, append_stats, find_modules, get_hist, get_min
 from learner.inference import CapturePredsCB
+from learner.interpret import Interpretation
 from learner.io import atomic_save
 from learner.learner import Learner
 from learner.rng import set_seed
 from learner.sharding import TensorLoaderShard
 from learner.utils import to_cpu, to_device
+from learner.vision import show_images
 
 __all__ = [
     "EVENTS",
@@ -87,6 +89,7 @@ __all__ = [
     "Hooks",
     "HooksCB",
     "HooksCallback",
+    "Interpretation",
     "LRFindResult",
     "LRFinderCB",
     "LRSchedulerCB",
@@ -124,6 +127,7 @@ __all__ = [
     "sched_no",
     "set_hyper",
     "set_seed",
+    "show_images",
     "steep",
     "tfm_batch",
     "to_cpu",

@@ -32,6 +32,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 __all__ = [
+    "DIGIT_CLASSES",
+    "FASHION_MNIST_CLASSES",
     "DataLoaders",
     "DataNotFoundError",
     "TensorData",
@@ -69,6 +71,18 @@ def _check_tensors(named: dict[str, Any]) -> int:
         sizes = ", ".join(f"len({name})={n}" for name, n in lengths.items())
         raise ValueError(f"Inputs must have the same number of samples, got {sizes}.")
     return next(iter(lengths.values()))
+
+
+def _check_classes(classes: Sequence[str] | None) -> tuple[str, ...] | None:
+    """`classes` as a tuple of names, or None."""
+    if classes is None:
+        return None
+    if isinstance(classes, str) or not all(isinstance(c, str) for c in classes):
+        raise TypeError(
+            f"classes must be a sequence of names (strings), one per label, got {classes!r}; "
+            'e.g. classes=["cat", "dog"].'
+        )
+    return tuple(classes)
 
 
 class TensorLoader:
@@ -263,11 +277,14 @@ class DataLoaders:
     """A training and an optional validation loader, as the `Learner` reads them.
 
     Each loader may be a torch `DataLoader`, a `TensorLoader`, or any iterable of `(x, y)`
-    batches that can be iterated once per epoch.
+    batches that can be iterated once per epoch. `classes`, when known, names the labels:
+    `classes[i]` is the name of label `i`, which `show_batch`, `show_results` and `interpret`
+    print instead of the number.
 
     Args:
         train: batches for training.
         valid: batches for validation, or None to skip validation.
+        classes: the name of each label, in label order, or None.
 
     Examples:
         >>> x, y = torch.randn(100, 3), torch.randint(0, 2, (100,))
@@ -276,9 +293,15 @@ class DataLoaders:
         (5, 1)
     """
 
-    def __init__(self, train: Iterable[Any], valid: Iterable[Any] | None = None) -> None:
+    def __init__(
+        self,
+        train: Iterable[Any],
+        valid: Iterable[Any] | None = None,
+        classes: Sequence[str] | None = None,
+    ) -> None:
         self.train = train
         self.valid = valid
+        self.classes: tuple[str, ...] | None = _check_classes(classes)
 
     def __repr__(self) -> str:
         return f"DataLoaders(train={self.train!r}, valid={self.valid!r})"
@@ -289,6 +312,7 @@ class DataLoaders:
         train_ds: Dataset[Any],
         valid_ds: Dataset[Any] | None = None,
         bs: int = 64,
+        classes: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> DataLoaders:
         """Wrap datasets in torch `DataLoader`s: training shuffled, validation in order at `2*bs`.
@@ -299,6 +323,7 @@ class DataLoaders:
             train_ds: training dataset.
             valid_ds: validation dataset, or None.
             bs: training batch size. Default 64.
+            classes: the name of each label, or None (`DataLoaders.classes`).
             **kwargs: passed to both `DataLoader`s, e.g. `num_workers`, `pin_memory`,
                 `generator`, `collate_fn`.
 
@@ -320,7 +345,7 @@ class DataLoaders:
         valid = None
         if valid_ds is not None:
             valid = DataLoader(valid_ds, batch_size=2 * bs, shuffle=False, **kwargs)
-        return cls(train, valid)
+        return cls(train, valid, classes)
 
     @classmethod
     def from_dd(
@@ -329,6 +354,7 @@ class DataLoaders:
         bs: int = 64,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         shuffle: bool = True,
+        classes: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> DataLoaders:
         """Torch `DataLoader`s over a Hugging Face `DatasetDict`, as the course's miniai builds.
@@ -353,6 +379,8 @@ class DataLoaders:
             collate_fn: turns a list of samples into a batch. Default None: `collate_dict` of
                 each split.
             shuffle: reshuffle the training split every epoch. Default True.
+            classes: the name of each label, or None (`DataLoaders.classes`); a Hugging Face
+                dataset has them as `dd["train"].features["label"].names`.
             **kwargs: passed to both `DataLoader`s, e.g. `num_workers`, `pin_memory`,
                 `generator`, `drop_last`.
 
@@ -386,7 +414,7 @@ class DataLoaders:
             valid = DataLoader(
                 valid_ds, batch_size=2 * bs, shuffle=False, collate_fn=collate(valid_ds), **kwargs
             )
-        return cls(train, valid)
+        return cls(train, valid, classes)
 
     @classmethod
     def from_tensors(
@@ -400,6 +428,7 @@ class DataLoaders:
         drop_last: bool = False,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
+        classes: Sequence[str] | None = None,
     ) -> DataLoaders:
         """Build `TensorLoader`s over in-memory tensors: the fastest path for small datasets.
 
@@ -414,10 +443,13 @@ class DataLoaders:
             drop_last: drop a smaller last training batch. Default False.
             device: move all tensors there once (e.g. "cuda"). Default None: leave them.
             generator: CPU `torch.Generator` for the shuffle. Default None: global RNG.
+            classes: the name of each label, or None (`DataLoaders.classes`). The dataset
+                helpers' `TensorData` carries them: pass `classes=data.classes`.
 
         Examples:
             >>> from learner.data import digits
-            >>> dls = DataLoaders.from_tensors(*digits(), bs=64)  # doctest: +SKIP
+            >>> data = digits()  # doctest: +SKIP
+            >>> dls = DataLoaders.from_tensors(*data, bs=64, classes=data.classes)  # doctest: +SKIP
             >>> xb, yb = next(iter(dls.train))  # doctest: +SKIP
         """
         _check_bs(bs)
@@ -439,24 +471,63 @@ class DataLoaders:
         valid = None
         if x_valid is not None and y_valid is not None:
             valid = TensorLoader(x_valid, y_valid, bs=2 * bs, device=device, generator=generator)
-        return cls(train, valid)
+        return cls(train, valid, classes)
 
 
 # --- Datasets -------------------------------------------------------------------------------
 
 
-class TensorData(NamedTuple):
-    """Train and validation tensors, in the order `DataLoaders.from_tensors` takes them.
-
-    Examples:
-        >>> data = TensorData(torch.zeros(4, 2), torch.zeros(4), torch.zeros(2, 2), torch.zeros(2))
-        >>> dls = DataLoaders.from_tensors(*data, bs=2)
-    """
-
+class _Tensors(NamedTuple):
     x_train: Tensor
     y_train: Tensor
     x_valid: Tensor
     y_valid: Tensor
+
+
+class TensorData(_Tensors):
+    """Train and validation tensors, in the order `DataLoaders.from_tensors` takes them, and the
+    names of the labels when known.
+
+    A named tuple of the four tensors (`x_train, y_train, x_valid, y_valid = data` and
+    `from_tensors(*data)` see those four), with `classes` beside them: `classes[i]` names label
+    `i`, or None. `mnist()` and `digits()` name the digits "0" to "9"; `fashion_mnist()` its ten
+    kinds of clothing. Pass them on with `from_tensors(*data, classes=data.classes)`.
+
+    Examples:
+        >>> data = TensorData(torch.zeros(4, 2), torch.zeros(4), torch.zeros(2, 2), torch.zeros(2),
+        ...                   classes=["no", "yes"])
+        >>> dls = DataLoaders.from_tensors(*data, bs=2, classes=data.classes)
+        >>> dls.classes
+        ('no', 'yes')
+    """
+
+    classes: tuple[str, ...] | None = None  # the instance's own, set by __new__
+
+    def __new__(
+        cls,
+        x_train: Tensor,
+        y_train: Tensor,
+        x_valid: Tensor,
+        y_valid: Tensor,
+        classes: Sequence[str] | None = None,
+    ) -> TensorData:
+        data = super().__new__(cls, x_train, y_train, x_valid, y_valid)
+        data.classes = _check_classes(classes)
+        return data
+
+    def _replace(self, **changes: Any) -> TensorData:
+        """A copy with the fields in `changes` replaced (`classes` too); the rest kept."""
+        return type(self)(**{**self._asdict(), "classes": self.classes, **changes})
+
+
+DIGIT_CLASSES = tuple(str(i) for i in range(10))
+"""The names of the labels of `mnist()` and `digits()`: "0" to "9"."""
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+"""The names of Fashion-MNIST's labels 0 to 9."""
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -508,7 +579,12 @@ def mnist_available(root: StrPath | None = None) -> bool:
 
 
 def _load_mnist_like(
-    name: str, root: StrPath | None, flatten: bool, normalize: bool, download: bool
+    name: str,
+    root: StrPath | None,
+    flatten: bool,
+    normalize: bool,
+    download: bool,
+    classes: Sequence[str],
 ) -> TensorData:
     """Load an MNIST-format torchvision dataset as tensors, converting all images at once."""
     from torchvision import datasets  # Lazy: importing torchvision costs about a second.
@@ -549,7 +625,7 @@ def _load_mnist_like(
         x = x.reshape(len(x), -1) if flatten else x.unsqueeze(1)
         return x, ds.targets.to(torch.int64)
 
-    return TensorData(*convert(train), *convert(valid))
+    return TensorData(*convert(train), *convert(valid), classes=classes)
 
 
 def mnist(
@@ -562,7 +638,8 @@ def mnist(
 
     Images are float32 in `(N, 1, 28, 28)`, or `(N, 784)` with `flatten`, scaled to [0, 1] and,
     with `normalize`, standardised with the training set's mean 0.1307 and std 0.3081. Targets
-    are int64 in 0..9. Files are read from `data_root(root)/MNIST/raw/`.
+    are int64 in 0..9, named "0" to "9" in `classes`. Files are read from
+    `data_root(root)/MNIST/raw/`.
 
     Args:
         root: folder holding `MNIST/raw/`. Default None: `$LEARNER_DATA` or the user cache.
@@ -574,9 +651,10 @@ def mnist(
         DataNotFoundError: the files are missing and were not downloaded.
 
     Examples:
-        >>> dls = DataLoaders.from_tensors(*mnist(), bs=64)  # doctest: +SKIP
+        >>> data = mnist()  # doctest: +SKIP
+        >>> dls = DataLoaders.from_tensors(*data, bs=64, classes=data.classes)  # doctest: +SKIP
     """
-    return _load_mnist_like("MNIST", root, flatten, normalize, download)
+    return _load_mnist_like("MNIST", root, flatten, normalize, download, DIGIT_CLASSES)
 
 
 def fashion_mnist(
@@ -587,12 +665,17 @@ def fashion_mnist(
 ) -> TensorData:
     """Fashion-MNIST as tensors, like `mnist`, standardised with mean 0.2860 and std 0.3530.
 
-    Files are read from `data_root(root)/FashionMNIST/raw/`.
+    Files are read from `data_root(root)/FashionMNIST/raw/`. `classes` names the labels 0..9
+    (`FASHION_MNIST_CLASSES`): T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, Shirt,
+    Sneaker, Bag, Ankle boot.
 
     Examples:
-        >>> dls = DataLoaders.from_tensors(*fashion_mnist(), bs=64)  # doctest: +SKIP
+        >>> data = fashion_mnist()  # doctest: +SKIP
+        >>> dls = DataLoaders.from_tensors(*data, bs=64, classes=data.classes)  # doctest: +SKIP
     """
-    return _load_mnist_like("FashionMNIST", root, flatten, normalize, download)
+    return _load_mnist_like(
+        "FashionMNIST", root, flatten, normalize, download, FASHION_MNIST_CLASSES
+    )
 
 
 def digits(
@@ -602,7 +685,7 @@ def digits(
 
     Pixels (0..16) are scaled to [0, 1] and, with `normalize`, standardised with the training
     split's mean and std. Images are float32 `(N, 1, 8, 8)`, or `(N, 64)` with `flatten`;
-    targets are int64 in 0..9.
+    targets are int64 in 0..9, named "0" to "9" in `classes`.
 
     Args:
         flatten: return `(N, 64)` images. Default False.
@@ -636,4 +719,4 @@ def digits(
         # Training statistics only, so nothing about the validation split leaks into the inputs.
         mean, std = x_train.mean(), x_train.std()
         x_train, x_valid = (x_train - mean) / std, (x_valid - mean) / std
-    return TensorData(x_train, y[train_idx], x_valid, y[valid_idx])
+    return TensorData(x_train, y[train_idx], x_valid, y[valid_idx], classes=DIGIT_CLASSES)

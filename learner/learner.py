@@ -21,7 +21,9 @@ from learner.callbacks.schedule import fit_one_cycle
 from learner.core import BaseLearner, Callback, as_cbs
 from learner.inference import capture_preds, get_preds, infer
 from learner.inspect import show_training_loop, summary
+from learner.interpret import interpret
 from learner.saving import load, save
+from learner.vision import show_batch, show_results, tta
 
 __all__ = ["Learner"]
 
@@ -121,6 +123,10 @@ class Learner(BaseLearner):
     load = load
     get_preds = get_preds
     capture_preds = capture_preds
+    tta = tta
+    show_batch = show_batch
+    show_results = show_results
+    interpret = interpret
     infer = infer
     summary = summary
     show_training_loop = show_training_loop
