@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
+from learner.callbacks.batch_transform import BatchTransformCB
 from learner.callbacks.order import ORDERS
 from learner.core import BaseLearner, Callback, as_cbs
 from learner.rng import rng_state, set_rng_state
 from learner.snapshot import kept_state, side_run
 from learner.utils import model_device, to_cpu, to_device
 
-__all__ = ["CapturePredsCB", "capture_preds", "get_preds", "infer"]
+__all__ = ["CapturePredsCB", "capture_preds", "get_preds", "infer", "valid_transforms"]
 
 
 @contextmanager
@@ -59,6 +60,17 @@ def _per_item_loss(loss_func: Callable[..., torch.Tensor]) -> Callable[..., torc
     return lambda preds, targets: loss_func(preds, targets, reduction="none")
 
 
+def valid_transforms(learn: BaseLearner) -> list[Callable[[Any], Any]]:
+    """The batch transforms the learner applies to validation batches, in the order they run:
+    those of its `BatchTransformCB`s with `on_val` (a transform of another callback class runs
+    only in runs that fire events: `capture_preds`)."""
+    return [
+        cb.tfm
+        for cb in learn.callbacks_at("before_batch")
+        if isinstance(cb, BatchTransformCB) and cb.on_val
+    ]
+
+
 def get_preds(
     learn: BaseLearner, dl: Any = None, with_targets: bool = True, with_loss: bool = False
 ) -> Any:
@@ -66,7 +78,9 @@ def get_preds(
 
     The model runs in eval mode under `torch.inference_mode()`, batch by batch through the
     learner's `predict` step (so a subclass's forward pass is used), each batch moved to the
-    model's device. No event fires, so no callback runs and the recorder is untouched;
+    model's device and through the learner's validation batch transforms (`BatchTransformCB`s
+    with `on_val`, so a normalisation done there applies here too). No other callback runs, no
+    event fires, and the recorder is untouched;
     afterwards every submodule's training flag, and `learn.batch`, `preds` and `loss`, are as
     before.
 
@@ -91,9 +105,12 @@ def get_preds(
     device = model_device(learn.model)
     loss_func = _per_item_loss(learn.loss_func) if with_loss else None
     preds, targets, losses = [], [], []
+    transforms = valid_transforms(learn)
     with _inference(learn):
         for batch in dl:
             learn.batch = to_device(batch, device)
+            for tfm in transforms:
+                learn.batch = tfm(learn.batch)
             learn.predict()
             preds.append(to_device(learn.preds, "cpu"))
             if with_targets or with_loss:
@@ -141,7 +158,8 @@ def infer(learn: BaseLearner, x: torch.Tensor) -> Any:
 
     `x` is one item when it has one dimension fewer than a training batch's input (the last
     batch the learner saw, or else one drawn from `dls.train` without changing any random
-    state). Every submodule's training flag, and `learn.batch`, `preds` and `loss`, are
+    state), moved to the model's device and through the learner's validation batch transforms
+    (as `get_preds`). Every submodule's training flag, and `learn.batch`, `preds` and `loss`, are
     restored; no event fires. The predictions stay on the model's device: `.cpu()` them if
     needed. Call it as `learn.infer(x)`. (fastai calls this `learn.predict(item)`; here
     `predict` is the training step, as in the course's miniai.)
@@ -160,7 +178,11 @@ def infer(learn: BaseLearner, x: torch.Tensor) -> Any:
         )
     single = x.ndim == ndim - 1
     with _inference(learn):
-        learn.batch = (to_device(x.unsqueeze(0) if single else x, model_device(learn.model)),)
+        # As a batch of the loaders would be: moved, then through the validation transforms
+        # (which take an (x, y) batch: y is None here).
+        learn.batch = (to_device(x.unsqueeze(0) if single else x, model_device(learn.model)), None)
+        for tfm in valid_transforms(learn):
+            learn.batch = tfm(learn.batch)
         learn.predict()
         preds = learn.preds
     return preds[0] if single else preds

@@ -343,3 +343,27 @@ def test_the_courses_batch_scheduler_runs() -> None:
         opt.step()
         ref.step()
     assert rec.recs["lr"] == want
+
+
+def test_predictions_see_the_validation_transforms() -> None:
+    # A normalisation done by a BatchTransformCB applies to get_preds and infer too: they give
+    # what a validation pass through the events gives (capture_preds), exactly.
+    x, y = _data()
+    xmean, xstd = x.mean(), x.std()
+
+    def _norm(b):  # type: ignore[no-untyped-def]
+        return (b[0] - xmean) / xstd, b[1]
+
+    train_only = BatchTransformCB(partial(tfm_batch, tfm_x=lambda t: -t), on_val=False)
+    dls = DataLoaders.from_tensors(x[:64], y[:64], x[64:], y[64:], bs=16)
+    learn = Learner(
+        nn.Linear(4, 3), dls, F.cross_entropy, lr=0.1, cbs=[BatchTransformCB(_norm), train_only]
+    )
+    learn.fit(2)
+    preds, targs = learn.get_preds()
+    captured, captured_targs = learn.capture_preds()
+    assert torch.equal(preds, captured) and torch.equal(targs, captured_targs)
+    learn.model.eval()
+    with torch.no_grad():
+        want = learn.model((x[64:] - xmean) / xstd)
+    assert torch.allclose(learn.infer(x[64:]), want) and torch.allclose(learn.infer(x[64]), want[0])
