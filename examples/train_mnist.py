@@ -1,9 +1,11 @@
-"""Train a small CNN on MNIST with the Learner, save the loss and metric plots, report accuracy.
+"""Train a small CNN on MNIST with the Learner: find a learning rate, train one cycle, look.
 
-The whole job on one screen: load MNIST as tensors, build a model, `fit` with progress bars and a
-results table, save `plot_loss()` and `plot_metrics()` as PNG files and the weights under
-`--out-dir`, print the final validation accuracy. The defaults reach about 0.98 in under a minute
-of CPU time.
+The whole job on one screen: load MNIST as tensors, build a model, `lr_find` a learning rate,
+`fit_one_cycle` with progress bars and a results table, then save under `--out-dir` the loss and
+metric plots, the validation images with their predictions (`show_results`), the confusion
+matrix, and the weights, print the most confused pairs and the final validation accuracy. The
+defaults reach 0.99 on MNIST in 3 epochs (about 1-2 minutes of CPU time), and 0.98 on the
+offline 8x8 digits in 20.
 
 MNIST is read from `$LEARNER_DATA/MNIST/raw/` (default `~/.cache/learner/MNIST/raw/`) and
 downloaded there if missing. If it is neither there nor downloadable, the script says so in one
@@ -47,9 +49,9 @@ def arg(default: Any, help: str) -> Any:
 class Args:
     dataset: Literal["mnist", "digits"] = arg("mnist", "digits: scikit-learn's 8x8 digits, bundled")
     model: Literal["cnn", "mlp"] = arg("cnn", "a 5-layer all-conv net or a 1-hidden-layer MLP")
-    epochs: int = arg(3, "number of epochs")
+    epochs: int | None = arg(None, "number of epochs; None: 3 on MNIST, 20 on the 8x8 digits")
     bs: int = arg(64, "training batch size (validation uses twice as many)")
-    lr: float = arg(5e-3, "learning rate of AdamW")
+    lr: float | None = arg(None, "peak learning rate of AdamW; None: twice lr_find's suggestion")
     n_train: int | None = arg(None, "train on the first N training images only (tiny runs)")
     n_valid: int | None = arg(None, "validate on the first N validation images only")
     data: str | None = arg(None, "holds MNIST/raw/; None: $LEARNER_DATA or ~/.cache/learner")
@@ -94,44 +96,65 @@ if args.dataset == "mnist":
         args.dataset = "digits"
 if args.dataset == "digits":
     data = digits()
+epochs = args.epochs or (3 if args.dataset == "mnist" else 20)
 x_train, y_train = data.x_train[: args.n_train], data.y_train[: args.n_train]
 x_valid, y_valid = data.x_valid[: args.n_valid], data.y_valid[: args.n_valid]
-dls = DataLoaders.from_tensors(x_train, y_train, x_valid, y_valid, bs=args.bs)
+dls = DataLoaders.from_tensors(x_train, y_train, x_valid, y_valid, bs=args.bs, classes=data.classes)
 print(f"{args.dataset}: {len(x_train)} training and {len(x_valid)} validation images of "
       f"{tuple(x_train.shape[1:])}")  # fmt: skip
 
 
 # -- model ----------------------------------------------------------------------------------------
-def conv(ni: int, nf: int, act: bool = True) -> nn.Module:
-    # Stride 2 halves the image: 28 -> 14 -> 7 -> 4 -> 2 -> 1 (and 8 -> 4 -> 2 -> 1 -> 1 -> 1).
-    layer = nn.Conv2d(ni, nf, kernel_size=3, stride=2, padding=1)
+def conv(ni: int, nf: int, stride: int = 2, act: bool = True) -> nn.Module:
+    layer = nn.Conv2d(ni, nf, kernel_size=3, stride=stride, padding=1)
     return nn.Sequential(layer, nn.ReLU()) if act else layer
 
 
 if args.model == "cnn":
+    # Full resolution first, then stride 2 halves the image: 28 -> 28 -> 14 -> 7 -> 4 -> 2 (8 ->
+    # 8 -> 4 -> 2 -> 1 -> 1); the average over what is left gives one logit per class.
     model = nn.Sequential(
-        conv(1, 16), conv(16, 32), conv(32, 64), conv(64, 64), conv(64, 10, act=False), nn.Flatten()
-    )
+        conv(1, 16, stride=1), conv(16, 32), conv(32, 64), conv(64, 64),
+        conv(64, 10, act=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )  # fmt: skip
 else:
     n_pixels = x_train[0].numel()
     model = nn.Sequential(nn.Flatten(), nn.Linear(n_pixels, 128), nn.ReLU(), nn.Linear(128, 10))
 
 # -- train: the default callbacks show progress bars and a results table, and record the losses --
-learn = Learner(model, dls, F.cross_entropy, lr=args.lr, metrics=accuracy)
+learn = Learner(model, dls, F.cross_entropy, lr=None, metrics=accuracy)
 start = time.time()
-learn.fit(args.epochs)
+lr = args.lr
+if lr is None:
+    # The valley is where the loss falls steadily; twice it still does, and trains faster.
+    suggestion = learn.lr_find().suggestion
+    lr = 2 * suggestion if suggestion is not None else 3e-3
+    if is_main_process():
+        print(f"lr_find suggests {suggestion}: training at {lr:.2e}")
+learn.fit_one_cycle(epochs, lr_max=lr)
 elapsed = time.time() - start
 
-# -- save the plots and the weights (under torchrun, once: rank 0) -------------------------------
+# -- look at the results, save the pictures and the weights (under torchrun, once: rank 0) -------
 if not is_main_process():
     raise SystemExit
 out = Path(args.out_dir)
 out.mkdir(parents=True, exist_ok=True)
-learn.recorder.plot_loss().savefig(out / "train_mnist_loss.png", dpi=100)
-learn.recorder.plot_metrics().savefig(out / "train_mnist_metrics.png", dpi=100)
+interp = learn.interpret()
+pictures = {
+    "train_mnist_loss.png": learn.recorder.plot_loss(),
+    "train_mnist_metrics.png": learn.recorder.plot_metrics(),
+    "train_mnist_results.png": learn.show_results(),
+    "train_mnist_confusion.png": interp.plot_confusion_matrix(),
+}
+for name, fig in pictures.items():
+    fig.savefig(out / name, dpi=100)
 torch.save(model.state_dict(), out / "train_mnist.pt")
-print(f"saved {out / 'train_mnist_loss.png'}, {out / 'train_mnist_metrics.png'} and the weights "
+print(f"saved {', '.join(str(out / name) for name in pictures)} and the weights "
       f"{out / 'train_mnist.pt'}")  # fmt: skip
+confused = interp.most_confused()[:5]
+print(
+    "most confused (actual, predicted, count):", ", ".join(f"{a}->{p} {n}" for a, p, n in confused)
+)
 acc = learn.recorder.history[-1]["accuracy"]
-print(f"final validation accuracy: {acc:.4f} ({args.dataset}, {args.model}, epochs={args.epochs}, "
+print(f"final validation accuracy: {acc:.4f} ({args.dataset}, {args.model}, epochs={epochs}, "
       f"{elapsed:.0f}s)")  # fmt: skip

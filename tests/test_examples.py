@@ -70,9 +70,11 @@ def test_train_mnist(tmp_path: Path) -> None:
     assert "MNIST not found" not in out
     check_table(out, 1)
     assert final_accuracy(out) > 0.7
-    for name in ("train_mnist_loss.png", "train_mnist_metrics.png", "train_mnist.pt"):
-        assert (tmp_path / name).stat().st_size > 0, name
+    names = ("loss.png", "metrics.png", "results.png", "confusion.png", ".pt")
+    for name in names:
+        assert (tmp_path / f"train_mnist_{name}").stat().st_size > 0, name
     assert str(tmp_path / "train_mnist_loss.png") in out
+    assert "lr_find suggests" in out and "most confused (actual->predicted count):" in out
 
 
 def test_train_mnist_falls_back_to_digits(tmp_path: Path) -> None:
@@ -87,9 +89,17 @@ def test_train_mnist_falls_back_to_digits(tmp_path: Path) -> None:
     check_table(out, 2)
     assert final_accuracy(out) > 0.5
     assert (tmp_path / "runs" / "train_mnist_loss.png").stat().st_size > 0
+    assert (tmp_path / "runs" / "train_mnist_confusion.png").stat().st_size > 0
 
 
 @needs_mnist
+def test_train_mnist_on_the_digits_with_its_defaults_reaches_0_97(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn", reason="the digits are scikit-learn's")
+    out = run("train_mnist.py", "--dataset", "digits", "--out-dir", tmp_path).stdout
+    check_table(out, 20)
+    assert final_accuracy(out) >= 0.97
+
+
 def test_minibatch_course() -> None:
     out = run("minibatch_course.py", "--epochs", 1).stdout  # all 60,000 images: about a second
     check_table(out, 1)
@@ -175,7 +185,8 @@ def _text(cell: Any) -> str:
 
 def test_quickstart_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     code_cells = _run_notebook("quickstart.ipynb", tmp_path, monkeypatch)
-    for call in ("plot_loss()", "plot_lr()", "plot_metrics()"):
+    calls = ("plot_loss()", "plot_lr()", "plot_metrics()", "show_batch()", "show_results()")
+    for call in (*calls, "plot_confusion_matrix()"):
         cell = next(c for c in code_cells if call in c.source)
         assert _pngs(cell) == 1, f"{call} cell shows no image: {cell.outputs}"
     assert sum(_pngs(c) for c in code_cells) >= 4  # and the live graph of ProgressCB(plot=True)
