@@ -70,9 +70,9 @@ def test_train_mnist(tmp_path: Path) -> None:
     assert "MNIST not found" not in out
     check_table(out, 1)
     assert final_accuracy(out) > 0.7
-    names = ("loss.png", "metrics.png", "results.png", "confusion.png", ".pt")
+    names = ("_loss.png", "_metrics.png", "_results.png", "_confusion.png", ".pt")
     for name in names:
-        assert (tmp_path / f"train_mnist_{name}").stat().st_size > 0, name
+        assert (tmp_path / f"train_mnist{name}").stat().st_size > 0, name
     assert str(tmp_path / "train_mnist_loss.png") in out
     assert "lr_find suggests" in out and "most confused (actual->predicted count):" in out
 
