@@ -151,10 +151,8 @@ for name, fig in pictures.items():
 torch.save(model.state_dict(), out / "train_mnist.pt")
 print(f"saved {', '.join(str(out / name) for name in pictures)} and the weights "
       f"{out / 'train_mnist.pt'}")  # fmt: skip
-confused = interp.most_confused()[:5]
-print(
-    "most confused (actual, predicted, count):", ", ".join(f"{a}->{p} {n}" for a, p, n in confused)
-)
+confused = ", ".join(f"{a}->{p} {n}" for a, p, n in interp.most_confused()[:5])
+print(f"most confused (actual->predicted count): {confused}")
 acc = learn.recorder.history[-1]["accuracy"]
 print(f"final validation accuracy: {acc:.4f} ({args.dataset}, {args.model}, epochs={epochs}, "
       f"{elapsed:.0f}s)")  # fmt: skip
