@@ -98,7 +98,8 @@ class MetricsCB(Callback):
     `epoch_summary()` the epoch's row: `train_loss`, `valid_loss` and each metric.
 
     `state_dict()` holds `values` and, during a training phase, its accumulators (per-batch
-    sizes and values, and the state of stateful metrics that have a `state_dict`); a fit resumed
+    sizes and values, and the state of stateful metrics: their `state_dict`, or for torchmetrics
+    the accumulated states it leaves out of it, given back with `merge_state`); a fit resumed
     mid-epoch (`learn.start_iter > 0`) goes on accumulating them in its first training phase.
     `lr_find` runs without it, so the metric objects you passed are not touched by the sweep.
 
@@ -264,7 +265,7 @@ class MetricsCB(Callback):
                     for name, vals in self.batch_values.items()
                 },
                 "metrics": {
-                    name: m.state_dict()
+                    name: _metric_state(m)
                     for name, m in self.metrics.items()
                     if _is_stateful(m) and callable(getattr(m, "state_dict", None))
                 },
@@ -284,9 +285,7 @@ class MetricsCB(Callback):
         }
         for name, m in self.metrics.items():
             if name in phase["metrics"]:
-                m.load_state_dict(phase["metrics"][name])
-                if callable(getattr(m, "to", None)):
-                    m.to(self.device)
+                _load_metric_state(m, phase["metrics"][name], self.device)
 
     def epoch_summary(self) -> dict[str, Any]:
         """The epoch so far as one row: `train_loss`, `valid_loss` (None if not run), metrics."""
@@ -301,3 +300,39 @@ def epoch_summary(learn: BaseLearner) -> dict[str, Any]:
     """The current epoch's row from the learner's `MetricsCB` (empty if it has none)."""
     cb = next((c for c in learn.cbs if isinstance(c, MetricsCB)), None)
     return cb.epoch_summary() if cb is not None else {}
+
+
+def _accumulates(metric: Any) -> bool:
+    # torchmetrics: the accumulated states are attributes listed in `metric_state`, left out of
+    # `state_dict()` by default; `merge_state` takes them back.
+    return isinstance(getattr(metric, "metric_state", None), dict) and callable(
+        getattr(metric, "merge_state", None)
+    )
+
+
+def _metric_state(metric: Any) -> dict[str, Any]:
+    """What a checkpoint keeps of a stateful metric mid-phase: its `state_dict()`, and for
+    torchmetrics its accumulated states (tensors, lists of tensors), on the CPU."""
+    if not _accumulates(metric):
+        return dict(metric.state_dict())
+    return {
+        "metric_state": {
+            k: [t.detach().cpu() for t in v] if isinstance(v, list) else v.detach().cpu()
+            for k, v in metric.metric_state.items()
+        }
+    }
+
+
+def _load_metric_state(metric: Any, state: dict[str, Any], device: torch.device) -> None:
+    if "metric_state" in state and _accumulates(metric):
+        metric.reset()
+        metric.merge_state(
+            {
+                k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device)
+                for k, v in state["metric_state"].items()
+            }
+        )
+    else:
+        metric.load_state_dict(state)
+    if callable(getattr(metric, "to", None)):
+        metric.to(device)

@@ -220,3 +220,36 @@ def test_torcheval_per_class_accuracy_is_a_list() -> None:
         preds = learn.model.eval()(x[:23])
     want = [per_class_accuracy(preds, y[:23])[c].item() for c in range(3)]
     assert learn.recorder.history[0]["per_class"] == pytest.approx(want, abs=1e-6)
+
+
+def test_torchmetrics_state_survives_a_mid_epoch_checkpoint(tmp_path: Any) -> None:
+    # torchmetrics keeps its accumulated states out of state_dict(): a checkpoint written
+    # mid-epoch must still hold them, so that the resumed epoch's value is the uninterrupted one.
+    classification = pytest.importorskip("torchmetrics.classification", reason="needs torchmetrics")
+    from conftest import make_dls
+
+    from learner import CancelFitException, CheckpointCB
+
+    def learner() -> Learner:
+        acc = classification.MulticlassAccuracy(num_classes=3, average="micro")
+        return Learner(make_model(), make_dls(n_train=24), F.cross_entropy, lr=0.1,
+                       metrics={"acc": acc, "mean_acc": accuracy})  # fmt: skip
+
+    class StopAfterOneBatchCB(Callback):
+        order = 70  # after CheckpointCB wrote the batch
+
+        def cleanup_batch(self, learn: Learner) -> None:
+            if learn.training and learn.iter == 1:
+                raise CancelFitException()
+
+    whole = learner()
+    whole.fit(1, valid=False)  # the metrics are computed on the training phase
+    path = tmp_path / "ckpt.pt"
+    first = learner()
+    first.fit(1, valid=False, cbs=[CheckpointCB(path, every_n_batches=1), StopAfterOneBatchCB()])
+    resumed = learner()
+    resumed.fit(1, valid=False, resume_from=path)
+    want, got = whole.recorder.history[-1], resumed.recorder.history[-1]
+    assert got["acc"] == pytest.approx(want["acc"], abs=1e-7)
+    assert got["acc"] == pytest.approx(got["mean_acc"], abs=1e-6)  # the same accuracy, two ways
+    assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-7)
