@@ -27,11 +27,14 @@ class CSVLoggerCB(Callback):
     torch.distributed only rank 0 writes (every rank has the same history).
 
     With `append=False` the file is started afresh at the first fit; later fits of the same
-    callback keep adding to it, like the recorder's history. With `append=True` rows are added to
-    an existing file (resuming a run) whose header must match the history's keys. That is checked
-    at `before_fit`, against the columns this fit will write (`epoch` and the keys of
-    `epoch_summary`), so a mismatch is a `ValueError` before anything trains, and the file is left
-    as it was.
+    callback keep adding to it, like the recorder's history. A fit resumed from a checkpoint
+    (`fit(resume_from=...)`) goes on with the file by itself: when its first epoch starts (the
+    saved history loaded), the file is rewritten to hold exactly the saved run's rows, so rows
+    written after the checkpoint, which the resumed fit trains again, are not kept twice. With
+    `append=True` rows are added to an existing file whose header must match the history's keys.
+    That is checked at `before_fit` (also on a resumed fit), against the columns this fit will
+    write (`epoch` and the keys of `epoch_summary`), so a mismatch is a `ValueError` before
+    anything trains, and the file is left as it was.
 
     Args:
         path: the CSV file; missing parent folders are created.
@@ -60,6 +63,7 @@ class CSVLoggerCB(Callback):
         self.header: list[str] | None = None
         self.recorder: RecorderCB | None = None
         self.n_written: int | None = None  # rows of the recorder's history already handled
+        self.resumed = False  # this fit continues a saved run (learn.resuming at before_fit)
 
     def before_fit(self, learn: BaseLearner) -> None:
         self.recorder = find_recorder(learn, "CSVLoggerCB")
@@ -78,8 +82,10 @@ class CSVLoggerCB(Callback):
         # The row's keys as RecorderCB makes them; not the recorder's history, which a resumed fit
         # loads only after every before_fit.
         columns = ["epoch", *epoch_summary(learn)]
+        self.resumed = learn.resuming
         if not self.started:
-            if self.append and self.path.exists() and self.path.stat().st_size > 0:
+            existing = self.path.exists() and self.path.stat().st_size > 0
+            if (self.append or learn.resuming) and existing:
                 with self.path.open(newline="") as f:
                     header = next(csv.reader(f), None)
                 if header != columns:
@@ -101,8 +107,26 @@ class CSVLoggerCB(Callback):
         )
 
     def before_epoch(self, learn: BaseLearner) -> None:
-        if self.recorder is not None and self.n_written is None:
-            self.n_written = len(self.recorder.history)  # only epochs from now on
+        if self.recorder is None or self.n_written is not None:
+            return
+        if self.resumed:
+            # The recorder holds the saved run's rows now: the file becomes exactly them, so rows
+            # written after the checkpoint (which this fit trains again) are not kept twice.
+            self._rewrite(self.recorder.history)
+        self.n_written = len(self.recorder.history)  # only epochs from now on
+
+    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
+        keys = self.header or (list(rows[0]) if rows else None)
+        tmp = self.path.with_name(f".{self.path.name}.resume.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            if keys is not None:
+                writer.writerow(keys)
+                writer.writerows([_cell(row.get(k)) for k in keys] for row in rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self.header = keys
 
     def cleanup_epoch(self, learn: BaseLearner) -> None:
         if self.recorder is None or self.n_written is None:

@@ -31,7 +31,9 @@ class TensorBoardCB(Callback):
 
     Tags: `train/loss` and `train/lr` per training batch; `epoch/<key>` per epoch for each number
     in `learn.recorder.history` (`epoch/train_loss`, `epoch/valid_loss`, each metric). The step
-    is the number of training batches so far, so epoch values line up with the batch curves.
+    is the number of training batches so far, so epoch values line up with the batch curves. A
+    fit resumed from a checkpoint goes on with the saved run's steps, and hides what the saved
+    run logged after its checkpoint (`SummaryWriter(purge_step=...)`).
 
     The values come from `learn.recorder`, which reads the losses from the device once per epoch;
     they are written and flushed when the epoch ends, so logging adds no host read per batch and
@@ -70,7 +72,8 @@ class TensorBoardCB(Callback):
 
     def before_fit(self, learn: BaseLearner) -> None:
         self.recorder = find_recorder(learn, "TensorBoardCB")
-        if is_main_process():
+        # A resumed fit's writer waits for the saved run's records (loaded after before_fit).
+        if is_main_process() and not learn.resuming:
             self.writer = self._writer_cls(log_dir=self.log_dir)
 
     def before_epoch(self, learn: BaseLearner) -> None:
@@ -78,6 +81,10 @@ class TensorBoardCB(Callback):
         # before_fit) was written before: go on after it.
         if learn.epoch == learn.start_epoch and self.recorder is not None:
             self.n_batches, self.n_epochs = len(self.recorder.lrs), len(self.recorder.history)
+            if learn.resuming and is_main_process() and self.writer is None:
+                # Steps from the checkpoint's on, which the saved run may have logged already
+                # (it went on after the checkpoint), are hidden: this fit logs them again.
+                self.writer = self._writer_cls(log_dir=self.log_dir, purge_step=self.n_batches)
 
     def after_batch(self, learn: BaseLearner) -> None:
         rec, every = self.recorder, self.log_every

@@ -187,3 +187,29 @@ def test_bad_setups(tiny: dict[str, Any], tmp_path: Path) -> None:
     learn = Learner(**tiny, default_cbs=False, cbs=[CSVLoggerCB(tmp_path / "h.csv")])
     with pytest.raises(ValueError, match=r"add a RecorderCB\(\)"):
         learn.fit(1)
+
+
+def test_a_resumed_fit_goes_on_with_the_file_by_itself(tmp_path: Path) -> None:
+    # The saved run wrote rows 0-2 but its last checkpoint is at the end of epoch 1: resumed, the
+    # file holds epochs 0-3 once each, exactly as an uninterrupted run's file.
+    import torch
+    import torch.nn.functional as F
+    from conftest import make_dls, make_model
+
+    from learner import Callback, CancelFitException, CheckpointCB, Learner
+
+    class StopAfterEpoch2(Callback):
+        def after_epoch(self, learn: Learner) -> None:
+            if learn.epoch == 2:
+                raise CancelFitException()
+
+    def learner() -> Learner:
+        return Learner(make_model(), make_dls(), F.cross_entropy, lr=0.1, opt_func=torch.optim.SGD)
+
+    learner().fit(4, cbs=CSVLoggerCB(tmp_path / "whole.csv"))
+    ckpt, log = tmp_path / "ckpt.pt", tmp_path / "run.csv"
+    cbs = [CSVLoggerCB(log), CheckpointCB(ckpt, every_n_epochs=2), StopAfterEpoch2()]
+    learner().fit(4, cbs=cbs)
+    assert len(log.read_text().splitlines()) == 1 + 3  # rows of epochs 0-2
+    learner().fit(4, cbs=CSVLoggerCB(log), resume_from=ckpt)  # append=False, as by default
+    assert log.read_text() == (tmp_path / "whole.csv").read_text()

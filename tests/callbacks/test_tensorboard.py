@@ -126,3 +126,37 @@ def test_bad_setups(tiny: dict[str, Any], tmp_path: Path) -> None:
     learn = Learner(**tiny, default_cbs=False, cbs=[TensorBoardCB(tmp_path)])
     with pytest.raises(ValueError, match=r"add a RecorderCB\(\)"):
         learn.fit(1)
+
+
+def test_a_resumed_fit_goes_on_with_the_saved_runs_steps(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="TensorBoardCB needs tensorboard")
+    from conftest import make_dls
+
+    from learner import CheckpointCB
+
+    made: list[dict[str, Any]] = []
+
+    class FakeWriter:
+        def __init__(self, **kwargs: Any) -> None:
+            self.steps: list[int] = []
+            made.append({"kwargs": kwargs, "steps": self.steps})
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            if tag == "train/loss":
+                self.steps.append(step)
+
+        def flush(self) -> None: ...
+        def close(self) -> None: ...
+
+    def learner() -> tuple[Learner, TensorBoardCB]:
+        tb = TensorBoardCB(tmp_path / "runs")
+        tb._writer_cls = FakeWriter  # type: ignore[attr-defined]
+        return Learner(make_model(), make_dls(), F.cross_entropy, lr=0.1, cbs=tb), tb
+
+    learn, _ = learner()
+    learn.fit(2, cbs=CheckpointCB(tmp_path / "ckpt.pt"))  # 2 batches an epoch
+    learn, _ = learner()
+    learn.fit(4, resume_from=tmp_path / "ckpt.pt")
+    first, resumed = made
+    assert "purge_step" not in first["kwargs"] and first["steps"] == [0, 1, 2, 3]
+    assert resumed["kwargs"]["purge_step"] == 4 and resumed["steps"] == [4, 5, 6, 7]
