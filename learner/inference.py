@@ -18,7 +18,6 @@ import torch
 from learner.callbacks.batch_transform import BatchTransformCB
 from learner.callbacks.order import ORDERS
 from learner.core import BaseLearner, Callback, as_cbs
-from learner.rng import rng_state, set_rng_state
 from learner.snapshot import kept_state, side_run
 from learner.utils import model_device, to_cpu, to_device
 
@@ -145,11 +144,8 @@ def _input_ndim(learn: BaseLearner) -> int:
     from the training loader with every random state put back."""
     if learn.batch is not None:
         return int(learn.batch[0].ndim)
-    rng = rng_state(learn.dls)
-    try:
+    with kept_state(learn, rng=True):
         return int(next(iter(learn.dls.train))[0].ndim)
-    finally:
-        set_rng_state(learn.dls, rng)
 
 
 def infer(learn: BaseLearner, x: torch.Tensor) -> Any:

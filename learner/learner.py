@@ -107,11 +107,9 @@ class Learner(BaseLearner):
             )
         cbs = as_cbs(cbs)
         resume = ResumeCB(self, resume_from)  # reads and checks the file now
-        saved = resume.ckpt.get("opt")
-        if train and self.opt is None and self.lr is None and saved is not None:
-            # Learner(lr=None): the optimizer is made with the saved rate, then gets its state.
-            lr = float(saved["param_groups"][0]["lr"])
-            self.opt = self.opt_func(self.model.parameters(), lr=lr)
+        if train and self.opt is None and self.lr is None:
+            # Learner(lr=None): the optimizer the check made, at the saved rate, gets its state.
+            self.opt = resume.opt
         try:
             self.start_epoch, self.start_iter = resume.start(n_epochs)
             self.resuming = True

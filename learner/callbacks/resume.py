@@ -55,8 +55,8 @@ class ResumeCB(Callback):
         self.path, self.dls = path, learn.dls
         self.ckpt = read_checkpoint(path)
         # Before anything runs; the optimizer too, on one made for the check if the learner has
-        # none yet (the fit makes it later).
-        check_fits(learn, self.ckpt, path)
+        # none yet: `opt`, which a learner made with lr=None takes (its lr is the saved one).
+        self.opt = check_fits(learn, self.ckpt, path)
 
     def start(self, n_epochs: int) -> tuple[int, int]:
         """`(epoch, batch)` where a fit of `n_epochs` epochs resumes the saved run.
