@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 __all__ = [
     "batch_size",
     "get_lr",
+    "map_tensors",
     "model_device",
     "move",
     "restore_training_flags",
@@ -42,23 +44,39 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
 
 def move(obj: Any, device: torch.device) -> Any:
     """`to_device` for a `torch.device` already resolved (the per-batch path of `DeviceCB`)."""
+    # Host-to-device copies may overlap with compute; device-to-host ones must not (the host
+    # would read memory before the copy lands).
+    non_blocking = device.type == "cuda"
+
+    def to(t: torch.Tensor) -> torch.Tensor:
+        if t.device == device:  # the common case on one device: no dispatcher call at all
+            return t
+        return t.to(device, non_blocking=non_blocking and t.device.type == "cpu")
+
+    return map_tensors(obj, to)
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """`fn` applied to every tensor in `obj`, through tuples, lists, dicts, namedtuples and
+    dataclasses, each rebuilt as its own type; other leaves are returned as they are.
+
+    Examples:
+        >>> map_tensors({"x": torch.ones(2), "n": 3}, lambda t: 2 * t)
+        {'x': tensor([2., 2.]), 'n': 3}
+    """
     if isinstance(obj, torch.Tensor):
-        if obj.device == device:  # the common case on one device: no dispatcher call at all
-            return obj
-        # Host-to-device copies may overlap with compute; device-to-host ones must not (the host
-        # would read memory before the copy lands).
-        return obj.to(device, non_blocking=device.type == "cuda" and obj.device.type == "cpu")
+        return fn(obj)
     if type(obj) is tuple:  # the usual (x, y) batch, before the slower general checks
-        return tuple([move(o, device) for o in obj])
+        return tuple([map_tensors(o, fn) for o in obj])
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(move(o, device) for o in obj))
+        return type(obj)(*(map_tensors(o, fn) for o in obj))
     if isinstance(obj, (list, tuple)):
-        return type(obj)([move(o, device) for o in obj])
+        return type(obj)([map_tensors(o, fn) for o in obj])
     if isinstance(obj, dict):
-        return type(obj)((k, move(v, device)) for k, v in obj.items())
+        return type(obj)((k, map_tensors(v, fn)) for k, v in obj.items())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         fields = {
-            f.name: move(getattr(obj, f.name), device) for f in dataclasses.fields(obj) if f.init
+            f.name: map_tensors(getattr(obj, f.name), fn) for f in dataclasses.fields(obj) if f.init
         }
         return dataclasses.replace(obj, **fields)
     return obj
@@ -148,23 +166,9 @@ def to_cpu(obj: Any) -> Any:
         >>> to_cpu({"preds": torch.ones(2, dtype=torch.float16, requires_grad=True)})
         {'preds': tensor([1., 1.])}
     """
-    moved = move(obj, torch.device("cpu"))
-    return _detach_float(moved)
+    return map_tensors(obj, _cpu_float)
 
 
-def _detach_float(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        obj = obj.detach()
-        return obj.float() if obj.dtype in (torch.float16, torch.bfloat16) else obj
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_detach_float(o) for o in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)([_detach_float(o) for o in obj])
-    if isinstance(obj, dict):
-        return type(obj)((k, _detach_float(v)) for k, v in obj.items())
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        fields = {
-            f.name: _detach_float(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init
-        }
-        return dataclasses.replace(obj, **fields)
-    return obj
+def _cpu_float(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu()
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
