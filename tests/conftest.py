@@ -114,3 +114,19 @@ def count_host_syncs(monkeypatch: pytest.MonkeyPatch, run: Callable[[], Any]) ->
             m.setattr(torch.Tensor, name, counting)
         run()
     return count[0]
+
+
+class GeneralRelu(nn.Module):
+    """The course's activation (miniai/init.py), as written: a leaky ReLU, shifted and capped."""
+
+    def __init__(self, leak=None, sub=None, maxv=None):  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.leak, self.sub, self.maxv = leak, sub, maxv
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        x = F.leaky_relu(x, self.leak) if self.leak is not None else F.relu(x)
+        if self.sub is not None:
+            x -= self.sub
+        if self.maxv is not None:
+            x.clamp_max_(self.maxv)
+        return x

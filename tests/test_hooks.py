@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import GeneralRelu
 from torch import nn
 
 from learner import Hook, Hooks, find_modules
@@ -92,20 +92,6 @@ def test_find_modules_errors_say_what_exists() -> None:
 
 
 # -- the course's notebook-10 idioms --------------------------------------------------------------
-
-
-class GeneralRelu(nn.Module):  # miniai/init.py, as written
-    def __init__(self, leak=None, sub=None, maxv=None):
-        super().__init__()
-        self.leak, self.sub, self.maxv = leak, sub, maxv
-
-    def forward(self, x):
-        x = F.leaky_relu(x, self.leak) if self.leak is not None else F.relu(x)
-        if self.sub is not None:
-            x -= self.sub
-        if self.maxv is not None:
-            x.clamp_max_(self.maxv)
-        return x
 
 
 def _course_model() -> nn.Sequential:

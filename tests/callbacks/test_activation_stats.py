@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import batches, count_host_syncs, make_data, make_model
+from conftest import GeneralRelu, batches, count_host_syncs, make_data, make_model
 from matplotlib.figure import Figure
 from torch import nn
 
@@ -303,20 +303,6 @@ def test_bad_arguments() -> None:
 
 
 # -- the course's way: a predicate, and hooks with `stats` for get_hist / get_min ----------------
-
-
-class GeneralRelu(nn.Module):  # miniai/init.py, as written
-    def __init__(self, leak=None, sub=None, maxv=None):
-        super().__init__()
-        self.leak, self.sub, self.maxv = leak, sub, maxv
-
-    def forward(self, x):
-        x = F.leaky_relu(x, self.leak) if self.leak is not None else F.relu(x)
-        if self.sub is not None:
-            x -= self.sub
-        if self.maxv is not None:
-            x.clamp_max_(self.maxv)
-        return x
 
 
 def test_the_course_way_with_a_predicate() -> None:

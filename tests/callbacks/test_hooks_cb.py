@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import GeneralRelu
 from torch import nn
 
 from learner import Callback, Learner
@@ -39,20 +40,6 @@ def append_stats(hook, mod, inp, outp):
     hook.stats[0].append(acts.mean())
     hook.stats[1].append(acts.std())
     hook.stats[2].append(acts.abs().histc(40, 0, 10))
-
-
-class GeneralRelu(nn.Module):
-    def __init__(self, leak=None, sub=None, maxv=None):
-        super().__init__()
-        self.leak, self.sub, self.maxv = leak, sub, maxv
-
-    def forward(self, x):
-        x = F.leaky_relu(x, self.leak) if self.leak is not None else F.relu(x)
-        if self.sub is not None:
-            x -= self.sub
-        if self.maxv is not None:
-            x.clamp_max_(self.maxv)
-        return x
 
 
 def conv(ni, nf, ks=3, stride=2, act=nn.ReLU):
