@@ -87,8 +87,10 @@ def side_run(learn: BaseLearner, weights: bool = True) -> Iterator[list[Callback
     """A run that is not part of training: within the block the learner has no callbacks, and the
     block gets copies of those that take part in side runs (`Callback.in_side_runs`) to pass to
     `fit(cbs=...)`. Afterwards everything is as `kept_state(learn, rng=True, weights=weights,
-    opt=True)` puts it back, and `learn.cbs` is the same list: the callbacks (and the metric
-    objects) handed in were never touched, and those that sit side runs out saw nothing.
+    opt=weights)` puts it back (a side run that trains, `weights=True`, also changes the
+    optimizer's state; one that does not leaves it alone, and it is not copied), and `learn.cbs`
+    is the same list: the callbacks (and the metric objects) handed in were never touched, and
+    those that sit side runs out saw nothing.
 
     Examples:
         >>> with side_run(learn) as cbs:
@@ -99,7 +101,7 @@ def side_run(learn: BaseLearner, weights: bool = True) -> Iterator[list[Callback
     shared: list[Any] = [learn, learn.dls, learn.opt, *model.modules()]
     memo = {id(o): o for o in [*shared, *model.parameters(), *model.buffers()]}
     copies = [_copy(cb, memo) for cb in learn.cbs if cb.in_side_runs]
-    with kept_state(learn, rng=True, weights=weights, opt=True), learn.removed_cbs(learn.cbs):
+    with kept_state(learn, rng=True, weights=weights, opt=weights), learn.removed_cbs(learn.cbs):
         yield copies
 
 
