@@ -193,6 +193,10 @@ class BaseLearner:
       running phase: a callback may replace it at `before_train`/`before_validate`).
     - `batch`, `preds`, `loss` (the true loss), `loss_grad` (what `backward` differentiates).
     - `run_train`, `run_valid`: whether this fit runs the phases.
+    - `grad_sync`: whether the backward of this training batch synchronises the gradients
+      across processes (True); a callback that steps only every few batches (`GradAccumCB`)
+      clears it at `before_batch` for the others, and `DistributedCB` (DDP) skips their
+      all-reduce.
     - `start_epoch`, `start_iter`: where this fit starts; 0 and 0 except on a resumed fit, which
       starts mid-run (`start_iter` is the first training batch of the first epoch, and is 0 again
       once that training phase is over). `resuming`: whether this fit continues a saved run.
@@ -241,6 +245,7 @@ class BaseLearner:
         # accumulation) while `loss` stays the true loss.
         self.loss_grad: torch.Tensor = self.loss
         self.run_train, self.run_valid = True, True
+        self.grad_sync = True
         self._providers: dict[str, Callback] = {}
         self._set_cbs([])
         self.add_cbs(cbs or [])

@@ -24,6 +24,7 @@ from learner.utils import unwrap_model
 
 __all__ = [
     "all_reduce_sum",
+    "broadcast_module",
     "collective_device",
     "is_distributed",
     "is_main_process",
@@ -118,3 +119,20 @@ def ranks_where(flag: bool) -> list[int]:
     flags[rank()] = int(bool(flag))
     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.SUM)
     return [i for i, f in enumerate(flags.tolist()) if f]
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s parameters and buffers into every process' `module`, in place (nothing
+    without a process group of more than one process). Every process must call it.
+
+    Examples:
+        >>> broadcast_module(model)  # every rank now holds rank 0's weights  # doctest: +SKIP
+    """
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            out = t.data.to(collective_device(t))
+            torch.distributed.broadcast(out, src=src)
+            if out is not t.data:
+                t.data.copy_(out)

@@ -17,6 +17,9 @@ with `torch.load(path, weights_only=True)`: a file from an untrusted source cann
   of batches (None where it does not tell): what the position in the epoch depends on.
 - `rng`: the Python, NumPy, torch (and CUDA) random states and those of the loaders'
   generators now; `epoch_rng`: those the current epoch's shuffle was drawn from (mid-epoch only).
+- `ranks`: `{"world_size": N, "states": [...]}`: the number of processes that wrote it, and for
+  ranks 1 to N-1 their own `callbacks`, `rng` and `epoch_rng` (rank 0's are the sections above):
+  under DDP or FSDP each rank accumulates its own metrics and draws its own random numbers.
 - `checksum`: `{"algorithm": "crc32", "sections": {name: hex digest}}`, a CRC-32 of every other
   section (each tensor's dtype, shape and bytes, and the plain values, in order), so that a
   damaged file is refused instead of loaded.
@@ -26,7 +29,16 @@ then every section's type and layout (the random states by setting them on throw
 generators). `load` and `fit(resume_from=...)` then check it against the learner (`check_fits`:
 the model's keys and shapes, the gradients', the optimizer's class, param groups and keys) and a
 resume mid-epoch against the training loader (`check_position`). Version 1 files (before the
-checksum, `opt_class` and `train_loader`) are read with a warning, without those three checks.
+checksum, `opt_class` and `train_loader`) are read with a warning, without those three checks;
+version 2 files (before `ranks`) as written by one process.
+
+Under torch.distributed (`DistributedCB`) writing is a collective: every rank calls `save` (as
+`CheckpointCB` does), each hands its own states to rank 0, and rank 0 writes. A sharded model's
+(FSDP) weights, gradients and optimizer state are gathered whole (`learner.fsdp`), so the file
+is the same as one process would write and loads into a plain model. Resuming with another
+number of processes keeps the weights, the optimizer, the schedules and the position at an
+epoch boundary (every rank takes rank 0's random states); mid-epoch it is refused, since the
+rest of the epoch would be sharded otherwise.
 
 `fit(n_epochs, resume_from=path)` continues the saved run: see `learner.callbacks.resume`.
 """
@@ -51,9 +63,19 @@ import torch
 from torch import nn
 
 from learner.core import BaseLearner
+from learner.distributed import is_distributed, is_main_process, rank, world_size
+from learner.fsdp import (
+    full_grads,
+    full_model_state,
+    full_optimizer_state,
+    is_sharded,
+    load_grads,
+    load_model_state,
+    load_optimizer_state,
+)
 from learner.io import atomic_save
 from learner.rng import rng_state, set_rng_state
-from learner.utils import unwrap_model
+from learner.utils import map_tensors, unwrap_model
 
 __all__ = [
     "FORMAT",
@@ -62,15 +84,18 @@ __all__ = [
     "check_model",
     "check_optimizer",
     "check_position",
+    "check_world_size",
     "checkpoint",
+    "for_this_rank",
     "load",
     "loader_shape",
     "read_checkpoint",
     "restore",
     "save",
+    "saved_world_size",
 ]
 
-FORMAT, VERSION = "learner.checkpoint", 2
+FORMAT, VERSION = "learner.checkpoint", 3
 StrPath = str | os.PathLike[str]
 
 # The sections of each version this learner reads, in the order they are written.
@@ -87,7 +112,20 @@ _SECTIONS = {
         "epoch_rng",
         "checksum",
     ),
+    3: (
+        "model",
+        "grads",
+        "opt",
+        "opt_class",
+        "callbacks",
+        "progress",
+        "rng",
+        "epoch_rng",
+        "ranks",
+        "checksum",
+    ),
 }
+_PER_RANK = ("callbacks", "rng", "epoch_rng")  # what each rank of a distributed run has of its own
 
 
 class _CRC32:
@@ -131,6 +169,28 @@ def _named_params(model: nn.Module) -> dict[str, nn.Parameter]:
 def _callback_states(learn: BaseLearner) -> dict[str, Any]:
     states = {cb.name: cb.state_dict() for cb in learn.cbs}
     return {name: state for name, state in states.items() if state}
+
+
+def _weights(learn: BaseLearner) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """The model's state, the gradients held and the optimizer's state; of a sharded model
+    gathered whole (a collective; empty on ranks other than 0)."""
+    model = unwrap_model(learn.model)
+    if is_sharded(model):
+        opt = full_optimizer_state(model, learn.opt) if learn.opt is not None else None
+        return full_model_state(model), full_grads(model, _plain_key), opt
+    grads = {k: p.grad for k, p in _named_params(model).items() if p.grad is not None}
+    opt = learn.opt.state_dict() if learn.opt is not None else None
+    return _model_state(model), grads, opt
+
+
+def _ranks(mine: dict[str, Any]) -> dict[str, Any]:
+    """Every rank's `mine` gathered on rank 0 (a collective under torch.distributed)."""
+    if not is_distributed():
+        return {"world_size": 1, "states": []}
+    gathered: list[Any] | None = [None] * world_size() if is_main_process() else None
+    cpu = map_tensors(mine, lambda t: t.detach().cpu())  # never another rank's GPU on rank 0
+    torch.distributed.gather_object(cpu, gathered, dst=0)
+    return {"world_size": world_size(), "states": (gathered or [None])[1:]}
 
 
 def _check_plain(obj: Any, where: str) -> None:
@@ -264,6 +324,8 @@ def checkpoint(
 ) -> dict[str, Any]:
     """The checkpoint of `learn` as a dict (see the module docstring); `save` writes it.
 
+    Under torch.distributed every rank must call it; the dict is complete on rank 0.
+
     Args:
         learn: the learner.
         progress: `{"epoch": e, "iter": k}`, the position; default: the end of the last fit's
@@ -287,18 +349,25 @@ def checkpoint(
     position: dict[str, Any] = {**progress, "n_epochs": learn.n_epochs}
     if position["iter"]:
         position["train_loader"] = loader_shape(getattr(learn.dls, "train", None))
-    grads = {k: p.grad for k, p in _named_params(learn.model).items() if p.grad is not None}
+    model, grads, opt = _weights(learn)
+    own = {
+        "callbacks": _callback_states(learn),
+        "rng": rng_state(learn.dls),
+        "epoch_rng": dict(epoch_rng) if epoch_rng is not None else None,
+    }
+    ranks = _ranks(own)
     ckpt = {
         "format": FORMAT,
         "version": VERSION,
-        "model": _model_state(learn.model),
+        "model": model,
         "grads": grads,
-        "opt": learn.opt.state_dict() if learn.opt is not None else None,
+        "opt": opt,
         "opt_class": type(learn.opt).__name__ if learn.opt is not None else None,
-        "callbacks": _callback_states(learn),
+        "callbacks": own["callbacks"],
         "progress": position,
-        "rng": rng_state(learn.dls),
-        "epoch_rng": dict(epoch_rng) if epoch_rng is not None else None,
+        "rng": own["rng"],
+        "epoch_rng": own["epoch_rng"],
+        "ranks": ranks,
     }
     _check_plain(ckpt, "")
     sections = {name: _digest(value, _CHECKSUM) for name, value in ckpt.items()}
@@ -309,11 +378,15 @@ def checkpoint(
 def save(learn: BaseLearner, path: StrPath, **kwargs: Any) -> Path:
     """Write `checkpoint(learn, **kwargs)` to `path` atomically (see `learner.io.atomic_save`).
 
+    Under torch.distributed every rank calls it (a script under torchrun does), and rank 0
+    writes the file.
+
     Examples:
         >>> learn.save("models/run.pt")
         PosixPath('models/run.pt')
     """
-    return atomic_save(checkpoint(learn, **kwargs), path)
+    ckpt = checkpoint(learn, **kwargs)
+    return atomic_save(ckpt, path) if is_main_process() else Path(path)
 
 
 # -- reading and checking the file --------------------------------------------------------------
@@ -391,6 +464,23 @@ def _section_problem(name: str, value: Any) -> str | None:
         return None if value is None else _rng_problem(value)
     if name == "checksum":
         return None if _checksum_layout(value) else "not {algorithm, sections: {name: digest}}"
+    if name == "ranks":
+        return _ranks_problem(value)
+    return None
+
+
+def _ranks_problem(value: Any) -> str | None:
+    if not (isinstance(value, dict) and _is_int(value.get("world_size"), 1)):
+        return "not {world_size, states}"
+    states = value.get("states")
+    if not (isinstance(states, list) and len(states) == value["world_size"] - 1):
+        return "not a state for each rank but 0"
+    for r, state in enumerate(states, 1):
+        if not (isinstance(state, dict) and set(state) == set(_PER_RANK)):
+            return f"rank {r}: not {{{', '.join(_PER_RANK)}}}"
+        for name in _PER_RANK:
+            if problem := _section_problem(name, state[name]):
+                return f"rank {r}: {name}: {problem}"
     return None
 
 
@@ -710,7 +800,70 @@ def check_position(dls: Any, progress: Mapping[str, Any], path: StrPath) -> None
 def _load_model(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     inner = unwrap_model(model)
     real = {_plain_key(k): k for k in inner.state_dict()}
-    inner.load_state_dict({real[k]: v for k, v in state.items()})
+    named = {real[k]: v for k, v in state.items()}
+    if is_sharded(inner):  # each rank keeps its shard of the full tensors
+        load_model_state(inner, named)
+    else:
+        inner.load_state_dict(named)
+
+
+def _load_opt(model: nn.Module, opt: Any, state: Mapping[str, Any]) -> None:
+    inner = unwrap_model(model)
+    if is_sharded(inner):
+        load_optimizer_state(inner, opt, state)
+    else:
+        opt.load_state_dict(state)
+
+
+def _load_grads(model: nn.Module, grads: Mapping[str, torch.Tensor]) -> None:
+    inner = unwrap_model(model)
+    if is_sharded(inner):
+        load_grads(inner, {k: grads[_plain_key(k)] for k, _ in inner.named_parameters()
+                           if _plain_key(k) in grads})  # fmt: skip
+        return
+    for name, p in _named_params(inner).items():
+        grad = grads.get(name)
+        p.grad = None if grad is None else grad.to(p.device)
+
+
+def saved_world_size(ckpt: Mapping[str, Any]) -> int | None:
+    """The number of processes that wrote checkpoint `ckpt`; None if it does not say (version
+    1 and 2 files)."""
+    ranks = ckpt.get("ranks")
+    return int(ranks["world_size"]) if ranks else None
+
+
+def for_this_rank(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """`ckpt` with this process' own callbacks' and random states, as it saved them, where the
+    checkpoint was written by as many processes as run now; otherwise rank 0's, for every rank.
+
+    Examples:
+        >>> ckpt = for_this_rank(read_checkpoint(path))  # under torchrun: rank r's states
+    """
+    r, saved = rank(), saved_world_size(ckpt)
+    if r == 0 or saved != world_size():
+        return dict(ckpt)
+    return {**ckpt, **ckpt["ranks"]["states"][r - 1]}
+
+
+def check_world_size(ckpt: Mapping[str, Any], path: StrPath) -> None:
+    """A ValueError if `ckpt` was written mid-epoch by another number of processes than run now:
+    each rank's share of the rest of that epoch, and its metrics' accumulators, would differ
+    from the saved run's. At an epoch boundary any number of processes may resume.
+
+    Examples:
+        >>> check_world_size(read_checkpoint(path), path)
+    """
+    saved, now = saved_world_size(ckpt), world_size()
+    if ckpt["progress"]["iter"] and saved is not None and saved != now:
+        raise ValueError(
+            f"{path} was written after training batch {ckpt['progress']['iter']} of epoch "
+            f"{ckpt['progress']['epoch']} by {saved} process(es), and this run has {now}: the "
+            "rest of that epoch cannot be resumed exactly with another number of processes (its "
+            "batches are shared out among them); nothing was changed. Resume with "
+            f"{saved} process(es), or from a checkpoint written at the end of an epoch "
+            "(CheckpointCB(every_n_epochs=1)), which any number of processes can resume."
+        )
 
 
 def load(learn: BaseLearner, path: StrPath, with_opt: bool = True) -> dict[str, Any]:
@@ -736,7 +889,7 @@ def load(learn: BaseLearner, path: StrPath, with_opt: bool = True) -> dict[str, 
     opt = check_fits(learn, ckpt, path, with_opt)
     _load_model(learn.model, ckpt["model"])
     if opt is not None:
-        opt.load_state_dict(ckpt["opt"])
+        _load_opt(learn.model, opt, ckpt["opt"])
         learn.opt = opt
     return ckpt
 
@@ -789,9 +942,7 @@ def restore(learn: BaseLearner, ckpt: Mapping[str, Any], path: StrPath) -> None:
     _load_callback_states(learn, states, path)
     _load_model(learn.model, ckpt["model"])
     if opt is not None:
-        opt.load_state_dict(ckpt["opt"])
+        _load_opt(learn.model, opt, ckpt["opt"])
         learn.opt = opt
-    for name, p in _named_params(learn.model).items():
-        grad = ckpt["grads"].get(name)
-        p.grad = None if grad is None else grad.to(p.device)
+    _load_grads(learn.model, ckpt["grads"])
     set_rng_state(learn.dls, ckpt["rng"])

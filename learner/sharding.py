@@ -50,6 +50,11 @@ class TensorLoaderShard:
             raise ValueError(f"rank must be in [0, world_size), got rank={rank}, {world_size=}.")
         self.loader, self.rank, self.world_size, self.pad = loader, rank, world_size, pad
 
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The loader's generator, which the shards draw from: a checkpoint keeps its state."""
+        return self.loader.generator
+
     def _stop(self) -> int:
         n, global_bs = self.loader.n, self.loader.bs * self.world_size
         return n - n % global_bs if self.loader.drop_last else n

@@ -25,7 +25,7 @@ __all__ = ["LOOP_STATE", "kept_state", "side_run"]
 
 LOOP_STATE = (
     "lr", "epoch", "n_epochs", "iter", "training", "dl", "batch", "preds", "loss", "loss_grad",
-    "run_train", "run_valid", "start_epoch", "start_iter", "resuming",
+    "run_train", "run_valid", "start_epoch", "start_iter", "resuming", "grad_sync",
 )  # fmt: skip
 """The documented loop state of `BaseLearner` that a fit changes (see its docstring)."""
 

@@ -12,6 +12,8 @@ then with a process group the script made (it must survive the fits):
   - "signal": a callback on rank 1 alone asks to stop, `ranks_where` stops both; the ranks'
     global RNGs differ, yet they share out one permutation per epoch.
 CASE "raise": rank 1 raises in the middle of an epoch; the launch must end, with an error.
+CASE "fsdp": `DistributedCB(strategy="fsdp")` (see `fsdp()`); CASE "gaps": what DDP lacked
+before (see `gaps()`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from learner import Callback
 
 N_TRAIN, N_VALID, BS, EPOCHS, LR, SEED = 36, 13, 4, 3, 0.1, 0
 
@@ -136,5 +140,207 @@ def main(out: Path, case: str) -> None:
     dist.destroy_process_group()
 
 
+FSDP_LR, CLIP = 0.02, 0.5
+
+
+def fsdp_learner(dls: Any, *cbs: Any) -> Any:
+    """The FSDP runs' learner (and, without a DistributedCB, their one-process oracle's):
+    AdamW, a cosine schedule, clipping; the model as `model()`, sharded in two blocks."""
+    from learner import GradClipCB, Learner, ParamSchedulerCB
+    from learner.callbacks.schedule import sched_cos
+
+    lr = ParamSchedulerCB({"lr": sched_cos(FSDP_LR, FSDP_LR / 10)})
+    return Learner(model(), dls, F.cross_entropy, lr=FSDP_LR, metrics=metrics(),
+                   cbs=[lr, GradClipCB(CLIP), NormsCB(), *cbs])  # fmt: skip
+
+
+class NormsCB(Callback):
+    """The total gradient norm GradClipCB saw at each step."""
+
+    order = 20
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def before_fit(self, learn: Any) -> None:
+        self.norms = []
+
+    def before_step(self, learn: Any) -> None:
+        self.norms.append(float(learn.grad_clip.total_norm))
+
+
+def fsdp(out: Path) -> None:
+    """2 ranks, the model sharded (FSDP2), on the same global batches as one process with
+    `bs=2 * BS`: an uninterrupted run writing checkpoints at and between epoch ends, then a new
+    learner resuming mid-epoch from one of them; the shards' sizes, `get_preds` after fit."""
+    import torch.distributed as dist
+
+    from learner import CheckpointCB, DistributedCB, SaveBestCB
+    from learner.data import DataLoaders
+    from learner.distributed import rank
+
+    r = rank()
+
+    def dls() -> Any:
+        g = torch.Generator().manual_seed(SEED)
+        return DataLoaders.from_tensors(*problem(), bs=BS, generator=g)
+
+    ckpt = CheckpointCB(out / "fsdp_ck.pt", every_n_batches=7, keep_last=5)
+    best = SaveBestCB(out / "fsdp_best.pt", "accuracy", mode="max")
+    learn = fsdp_learner(dls(), DistributedCB(strategy="fsdp"), ckpt, best)
+    model_before = learn.model
+    learn.fit(EPOCHS)
+    assert learn.model is model_before and dist.is_initialized()  # sharded in place; group kept
+    local = {n: p.to_local().numel() for n, p in learn.model.named_parameters()}
+    preds, targets = learn.get_preds()  # every rank, the whole validation set
+    learn.save(out / "fsdp_end.pt")
+    torch.save({"history": learn.recorder.history, "losses": learn.recorder.losses,
+                "norms": learn.norms.norms, "local": local, "written": ckpt.written,
+                "preds": preds, "targets": targets, "best_epoch": best.best_epoch},
+               out / f"fsdp_rank{r}.pt")  # fmt: skip
+
+    # Resumed mid-epoch (after batch 7: epoch 1, batch 2) by a new learner, in this process.
+    best = SaveBestCB(out / "fsdp_best.pt", "accuracy", mode="max")
+    again = fsdp_learner(dls(), DistributedCB(strategy="fsdp"), best)
+    again.fit(EPOCHS, resume_from=out / "fsdp_ck.3.pt")
+    again.save(out / "fsdp_resumed.pt")
+    torch.save({"history": again.recorder.history, "losses": again.recorder.losses},
+               out / f"fsdp_resumed_rank{r}.pt")  # fmt: skip
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+N_UNEVEN = 17  # validation samples in gaps(): in batches of 8, ranks hold 9 (2 batches) and 8 (1)
+
+
+def dropout_model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3))
+
+
+class CountAllReducesCB(Callback):
+    """Counts DDP's gradient all-reduces (one per bucket per synchronised backward)."""
+
+    order = -14  # after DistributedCB wrapped the model
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def before_fit(self, learn: Any) -> None:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def hook(state, bucket):  # type: ignore[no-untyped-def]  # DDP refuses other annotations
+            self.count += 1
+            return allreduce_hook(state, bucket)
+
+        learn.distributed.ddp.register_comm_hook(None, hook)
+
+
+class AlwaysSyncCB(Callback):
+    """Undoes GradAccumCB's no_sync: every batch all-reduces (the behaviour before it)."""
+
+    order = 6
+
+    def before_batch(self, learn: Any) -> None:
+        learn.grad_sync = True
+
+
+def gaps_dls(bs: int, uneven: bool = False) -> Any:
+    """gaps()' loaders; `uneven`: the validation set is the first N_UNEVEN training samples."""
+    from learner.data import DataLoaders
+
+    x, y, xv, yv = problem()
+    if uneven:
+        xv, yv = x[:N_UNEVEN], y[:N_UNEVEN]
+    g = torch.Generator().manual_seed(SEED)
+    return DataLoaders.from_tensors(x, y, xv, yv, bs=bs, generator=g)
+
+
+class ShardsCB(Callback):
+    """The number of batches in this rank's validation shard."""
+
+    def __init__(self) -> None:
+        self.valid_batches = -1
+
+    def before_validate(self, learn: Any) -> None:
+        self.valid_batches = len(learn.dl)
+
+
+def gaps(out: Path) -> None:
+    """The DDP gaps, and FSDP with accumulation and uneven validation shards:
+
+    - "accum_nosync"/"accum_sync": GradAccumCB(2) under DDP, all-reduces counted, with and
+      without no_sync; "fsdp_accum": the same under FSDP;
+    - "fsdp_uneven": FSDP with validation shards of 2 batches and 1 (a forward more, uncounted);
+    - "lr_find": a sharded lr_find under DDP;
+    - "best": SaveBestCB(load_best=True) under DDP, its writes counted on each rank;
+    - "dropout"/"dropout_resumed": DDP with dropout and each rank's own random state, checkpointed
+      mid-epoch, and resumed from there by a new learner.
+    """
+    import torch.distributed as dist
+
+    import learner.callbacks.tracker as tracker
+    from learner import CheckpointCB, DistributedCB, GradAccumCB, Learner, SaveBestCB
+    from learner.distributed import rank
+    from learner.fsdp import full_model_state, is_sharded
+
+    r = rank()
+    dist.init_process_group("gloo")
+
+    def dls(uneven: bool = False) -> Any:
+        return gaps_dls(BS, uneven)
+
+    def save(name: str, learn: Any, **extra: Any) -> None:
+        state = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
+        if is_sharded(learn.model):
+            state = full_model_state(learn.model)  # not DTensors: gathered whole, on rank 0
+        record = {"history": learn.recorder.history, "losses": learn.recorder.losses}
+        torch.save({"state": state, **record, **extra}, out / f"{name}_rank{r}.pt")
+
+    def sgd_learner(data: Any, *cbs: Any, net: nn.Module | None = None) -> Any:
+        return Learner(net or model(), data, F.cross_entropy, lr=LR, opt_func=torch.optim.SGD,
+                       metrics=metrics(), cbs=list(cbs))  # fmt: skip
+
+    for name, extra in (("accum_nosync", []), ("accum_sync", [AlwaysSyncCB()])):
+        learn = sgd_learner(dls(), GradAccumCB(2), count := CountAllReducesCB(), *extra)
+        learn.fit(EPOCHS)
+        save(name, learn, all_reduces=count.count)
+
+    learn = sgd_learner(dls(), GradAccumCB(2), DistributedCB(strategy="fsdp"))
+    learn.fit(EPOCHS)
+    save("fsdp_accum", learn)
+    learn = sgd_learner(dls(uneven=True), DistributedCB(strategy="fsdp"), shards := ShardsCB())
+    learn.fit(2)
+    save("fsdp_uneven", learn, valid_batches=shards.valid_batches)
+
+    learn = sgd_learner(dls())
+    result = learn.lr_find(num_it=12, stop_factor=None)
+    save("lr_find", learn, lrs=result.lrs, lr_losses=result.losses, suggestion=result.suggestion)
+
+    writes: list[Path] = []
+    atomic_save = tracker.atomic_save
+    tracker.atomic_save = lambda obj, path: writes.append(path) or atomic_save(obj, path)  # type: ignore[assignment]
+    best = SaveBestCB(out / "best.pt", "valid_loss", load_best=True)
+    learn = sgd_learner(dls(), best)
+    learn.fit(EPOCHS)
+    save("best", learn, writes=len(writes), best_epoch=best.best_epoch)
+
+    ckpt = CheckpointCB(out / "dropout_ck.pt", every_n_batches=7, keep_last=2)
+    learn = sgd_learner(dls(), ckpt, net=dropout_model())
+    torch.manual_seed(100 + r)  # each rank its own dropout masks
+    learn.fit(EPOCHS)
+    save("dropout", learn, written=ckpt.written)
+    torch.manual_seed(0)  # the resumed run takes each rank's saved states back
+    learn = sgd_learner(dls(), net=dropout_model())
+    learn.fit(EPOCHS, resume_from=out / "dropout_ck.1.pt")
+    save("dropout_resumed", learn)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    cases = {"fsdp": fsdp, "gaps": gaps}
+    if sys.argv[2] in cases:
+        cases[sys.argv[2]](Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]), sys.argv[2])

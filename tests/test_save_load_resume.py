@@ -425,7 +425,9 @@ def test_an_empty_file_is_a_clear_error(tiny: dict[str, Any], tmp_path: Path) ->
     _refused(_other(tiny), tmp_path / "ck.pt", "is empty")
 
 
-SECTIONS = ["model", "grads", "opt", "opt_class", "callbacks", "progress", "rng", "epoch_rng"]
+SECTIONS = [
+    "model", "grads", "opt", "opt_class", "callbacks", "progress", "rng", "epoch_rng", "ranks"
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("section", SECTIONS)
@@ -533,7 +535,7 @@ def test_a_flipped_byte_is_refused_as_corrupt_naming_the_section(
     learn = _trained(tiny)
     learn.save(tmp_path / "ck.pt")
     ckpt = torch.load(tmp_path / "ck.pt", weights_only=True)  # still a plain weights_only file
-    assert ckpt["version"] == 2 and ckpt["checksum"]["algorithm"] == "crc32"
+    assert ckpt["version"] == 3 and ckpt["checksum"]["algorithm"] == "crc32"
     assert set(ckpt["checksum"]["sections"]) == {"format", "version", *SECTIONS}
     _flip_a_byte_of(tmp_path / "ck.pt", learn.model.state_dict()["0.weight"])
     torch.load(tmp_path / "ck.pt", weights_only=True)  # torch sees nothing wrong
@@ -569,8 +571,51 @@ def test_a_version_1_file_loads_and_resumes_with_a_warning(
 
 def test_an_unknown_version_is_refused(tiny: dict[str, Any], tmp_path: Path) -> None:
     _trained(tiny).save(tmp_path / "ck.pt")
-    _rewrite(tmp_path / "ck.pt", lambda ckpt: ckpt.update(version=3))
-    _refused(_other(tiny), tmp_path / "ck.pt", "version 3; this learner reads versions 1, 2")
+    _rewrite(tmp_path / "ck.pt", lambda ckpt: ckpt.update(version=4))
+    _refused(_other(tiny), tmp_path / "ck.pt", "version 4; this learner reads versions 1, 2, 3")
+
+
+def _as_version_2(ckpt: dict[str, Any]) -> None:
+    # A checkpoint as the learner wrote it before the per-rank states.
+    from learner.saving import _digest
+
+    ckpt["version"] = 2
+    del ckpt["ranks"], ckpt["checksum"]["sections"]["ranks"]
+    ckpt["checksum"]["sections"]["version"] = _digest(2, "crc32")
+
+
+def test_a_version_2_file_loads_and_resumes_as_one_process_wrote_it(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    learn = _trained(tiny)
+    learn.save(tmp_path / "ck.pt")
+    _rewrite(tmp_path / "ck.pt", _as_version_2)
+    other = Learner(**{**tiny, "model": make_model(seed=1)})
+    other.fit(2, resume_from=tmp_path / "ck.pt")
+    learn.fit(1)
+    assert _equal_weights(other.model, learn.model)
+
+
+@pytest.mark.parametrize(
+    "ranks, match",
+    [
+        ({"world_size": 0, "states": []}, "ranks: not {world_size, states}"),
+        ({"world_size": 2, "states": []}, "ranks: not a state for each rank but 0"),
+        ({"world_size": 2, "states": [{"rng": None}]}, "ranks: rank 1: not {callbacks, rng"),
+    ],
+)
+def test_a_bad_ranks_section_is_a_clear_error(
+    tiny: dict[str, Any], tmp_path: Path, ranks: dict[str, Any], match: str
+) -> None:
+    from learner.saving import _digest
+
+    def change(ckpt: dict[str, Any]) -> None:  # written so, not damaged: its checksum matches
+        ckpt["ranks"] = ranks
+        ckpt["checksum"]["sections"]["ranks"] = _digest(ranks, "crc32")
+
+    _trained(tiny).save(tmp_path / "ck.pt")
+    _rewrite(tmp_path / "ck.pt", change)
+    _refused(_other(tiny), tmp_path / "ck.pt", match)
 
 
 def _tensor_learner(n: int = 30, bs: int = 8, seed: int = 0) -> Learner:

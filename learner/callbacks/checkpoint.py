@@ -15,7 +15,7 @@ from typing import Any
 from learner.callbacks.order import ORDERS
 from learner.checks import check_int
 from learner.core import BaseLearner, Callback
-from learner.distributed import is_main_process
+from learner.distributed import is_distributed, is_main_process, ranks_where
 from learner.io import check_writable, remove_stale_temps, temp_path
 from learner.rng import rng_state
 from learner.saving import save
@@ -34,6 +34,11 @@ class CheckpointCB(Callback):
     batch `i` (at `cleanup_batch`, once the schedulers have stepped) or after the epoch's row is
     recorded (at `after_epoch`). At the start of each training phase it keeps the random states
     the epoch's shuffle is drawn from, so that a resumed epoch sees the same batches.
+
+    Under torch.distributed (`DistributedCB`) every rank writes together (`learn.save`: each
+    hands rank 0 its own metrics' accumulators and random states, a sharded model's weights are
+    gathered whole) and rank 0 writes the file; a Ctrl-C on any rank stops every rank at the same
+    batch, after one checkpoint (one small all-reduce per batch, under torch.distributed only).
 
     At `before_fit` it checks that it can write there (creating the folder, and a temporary file
     in it), so an unwritable path fails at once, naming it, rather than after the first epoch.
@@ -138,15 +143,23 @@ class CheckpointCB(Callback):
         self.batch_done = False
         self.n_batches += 1
         due = self.every_n_batches is not None and self.n_batches % self.every_n_batches == 0
+        self._agree_on_interruption()
         if due or self.interrupted:
             self._write(learn, learn.epoch, learn.iter + 1)
         self._stop_if_interrupted()
 
     def after_epoch(self, learn: BaseLearner) -> None:
         n = self.every_n_epochs
+        self._agree_on_interruption()
         if learn.run_train and ((n is not None and (learn.epoch + 1) % n == 0) or self.interrupted):
             self._write(learn, learn.epoch + 1, 0)
         self._stop_if_interrupted()
+
+    def _agree_on_interruption(self) -> None:
+        # Writing is a collective: a Ctrl-C seen by one rank (torchrun passes it on to each, not
+        # at the same batch) stops all of them at the same point, with one checkpoint.
+        if is_distributed():
+            self.interrupted = bool(ranks_where(self.interrupted))
 
     def _stop_if_interrupted(self) -> None:
         if self.interrupted:
@@ -156,9 +169,9 @@ class CheckpointCB(Callback):
     # -- writing --
 
     def _write(self, learn: BaseLearner, epoch: int, batches: int) -> None:
-        if not is_main_process():  # under DDP every rank holds the same weights: one writer
-            return
-        if self.keep_last > 1 and self.path.exists():
+        # Every rank takes part (each hands rank 0 its own states, FSDP gathers the shards);
+        # rank 0 alone writes.
+        if is_main_process() and self.keep_last > 1 and self.path.exists():
             self._rotate()
         progress = {"epoch": epoch, "iter": batches}
         save(learn, self.path, progress=progress, epoch_rng=self.epoch_rng if batches else None)

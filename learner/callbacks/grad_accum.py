@@ -35,13 +35,19 @@ class GradAccumCB(Callback):
     `learn.loss`, and so the recorded loss, stays each batch's own loss. `after_step` (where a
     scheduler advances) fires once per group.
 
+    Under `DistributedCB` with DDP only the last batch of each group synchronises its gradients
+    across processes: it clears `learn.grad_sync` at `before_batch` for the others (DDP's
+    `no_sync`), so a group of `n_batches` costs one all-reduce instead of `n_batches`. (FSDP
+    reduce-scatters every batch, to keep the gradients sharded.)
+
     `state_dict()` holds the open group; a fit resumed mid-epoch (`learn.start_iter > 0`) goes on
     with it in its first training phase (a checkpoint written mid-group also holds the
     accumulated gradients).
 
-    Events: `before_fit`, `before_train`, `before_backward`, `before_step`, `after_train`,
-    `cleanup_train`. Order: 5 (before MixedPrecisionCB, 10, so that batches that do not step are
-    not unscaled, and before GradClipCB, 15, so that only the summed gradients are clipped).
+    Events: `before_fit`, `before_train`, `before_batch`, `before_backward`, `before_step`,
+    `after_train`, `cleanup_train`. Order: 5 (before MixedPrecisionCB, 10, so that batches that do
+    not step are not unscaled, and before GradClipCB, 15, so that only the summed gradients are
+    clipped).
 
     Args:
         n_batches: batches per optimizer step, >= 1.
@@ -80,6 +86,14 @@ class GradAccumCB(Callback):
         if not learn.start_iter:  # resuming mid-epoch: the loaded group goes on
             self._reset()
 
+    def before_batch(self, learn: BaseLearner) -> None:
+        if learn.training:  # under DDP/FSDP, only the batch that steps all-reduces its gradients
+            learn.grad_sync = self._steps(learn, self.count + 1)
+
+    def _steps(self, learn: BaseLearner, count: int) -> bool:
+        # len() of the loader now: a callback may have replaced it at before_train (lr_find).
+        return count >= self.n_batches or learn.iter >= len(learn.dl) - 1
+
     def before_backward(self, learn: BaseLearner) -> None:
         bs = batch_size(learn.batch)
         if self.count == 0:
@@ -89,8 +103,7 @@ class GradAccumCB(Callback):
         learn.loss_grad = learn.loss_grad * (bs / self.full)
 
     def before_step(self, learn: BaseLearner) -> None:
-        # len() of the loader now: a callback may have replaced it at before_train (lr_find).
-        if self.count < self.n_batches and learn.iter < len(learn.dl) - 1:
+        if not self._steps(learn, self.count):
             raise CancelStepException()  # keep accumulating
         if self.samples != self.full:
             # Weights summed to samples / full, not 1: rescale to the group's own mean loss.
@@ -111,6 +124,7 @@ class GradAccumCB(Callback):
             self._drop(learn)
 
     def cleanup_train(self, learn: BaseLearner) -> None:
+        learn.grad_sync = True
         # Cancelled or failed mid-group: never carry its gradients into the next phase.
         if self.count:
             self._drop(learn)

@@ -9,7 +9,14 @@ from typing import Any
 from learner.callbacks.order import ORDERS
 from learner.core import BaseLearner, Callback
 from learner.rng import set_rng_state
-from learner.saving import check_fits, check_position, read_checkpoint, restore
+from learner.saving import (
+    check_fits,
+    check_position,
+    check_world_size,
+    for_this_rank,
+    read_checkpoint,
+    restore,
+)
 
 __all__ = ["ResumeCB"]
 
@@ -53,7 +60,7 @@ class ResumeCB(Callback):
 
     def __init__(self, learn: BaseLearner, path: str | os.PathLike[str]) -> None:
         self.path, self.dls = path, learn.dls
-        self.ckpt = read_checkpoint(path)
+        self.ckpt = for_this_rank(read_checkpoint(path))  # under DDP/FSDP: this rank's states
         # Before anything runs; the optimizer too, on one made for the check if the learner has
         # none yet: `opt`, which a learner made with lr=None takes (its lr is the saved one).
         self.opt = check_fits(learn, self.ckpt, path)
@@ -61,7 +68,8 @@ class ResumeCB(Callback):
     def start(self, n_epochs: int) -> tuple[int, int]:
         """`(epoch, batch)` where a fit of `n_epochs` epochs resumes the saved run.
 
-        Mid-epoch, checks first that the training loader is the saved run's (`check_position`).
+        Mid-epoch, checks first that as many processes run as wrote it (`check_world_size`) and
+        that the training loader is the saved run's (`check_position`).
         """
         epoch, batch = self.ckpt["progress"]["epoch"], self.ckpt["progress"]["iter"]
         if epoch >= n_epochs:
@@ -71,6 +79,7 @@ class ResumeCB(Callback):
                 flush=True,
             )
             return n_epochs, 0
+        check_world_size(self.ckpt, self.path)
         check_position(self.dls, self.ckpt["progress"], self.path)
         return epoch, batch
 

@@ -16,8 +16,10 @@ from learner.callbacks.order import ORDERS
 from learner.callbacks.recorder import get_recorder
 from learner.checks import check_int, check_number
 from learner.core import BaseLearner, Callback, CancelFitException
-from learner.distributed import is_distributed, is_main_process, ranks_where
+from learner.distributed import broadcast_module, is_distributed, is_main_process, ranks_where
+from learner.fsdp import full_model_state, is_sharded, load_model_state
 from learner.io import atomic_save
+from learner.utils import unwrap_model
 
 __all__ = ["EarlyStoppingCB", "Monitor", "SaveBestCB", "TerminateOnNaNCB"]
 
@@ -200,6 +202,10 @@ class SaveBestCB(Callback):
     The file holds only tensors: load it elsewhere with
     `model.load_state_dict(torch.load(path, weights_only=True))`.
 
+    Under torch.distributed (`DistributedCB`) rank 0 alone checks the folder, writes the file and
+    reads it back; with `load_best` it hands the weights to the other ranks. A sharded model's
+    (FSDP) weights are gathered whole, so the file loads into a plain model.
+
     Events: `before_fit`, `after_epoch`, `cleanup_fit`. Order: 55 (after the recorder, before
     `EarlyStoppingCB` ends the fit).
 
@@ -234,12 +240,11 @@ class SaveBestCB(Callback):
 
     def before_fit(self, learn: BaseLearner) -> None:
         self.monitor.check(learn, type(self).__name__)
-        error = self._check_writable()
-        # Every rank writes (and with load_best reads) the file: a rank that cannot stops them all.
-        if bad := ranks_where(error is not None):
+        error = self._check_writable() if is_main_process() else None
+        # Rank 0 writes (and with load_best reads) the file: if it cannot, all ranks stop.
+        if ranks_where(error is not None):
             raise error or OSError(
-                f"SaveBestCB cannot write {str(self.path)!r} on rank(s) "
-                f"{', '.join(map(str, bad))}: see the error there."
+                f"SaveBestCB cannot write {str(self.path)!r} on rank 0: see the error there."
             )
         self.best, self.best_epoch = self.monitor.worst, -1
 
@@ -273,21 +278,32 @@ class SaveBestCB(Callback):
         self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
 
     def after_epoch(self, learn: BaseLearner) -> None:
-        value = self.monitor.value(learn)
+        value = self.monitor.value(learn)  # the same on every rank (MetricsCB sums over them)
         if value is not None and self.monitor.better(value, self.best):
-            atomic_save(learn.model.state_dict(), self.path)
+            model = unwrap_model(learn.model)
+            state = full_model_state(model) if is_sharded(model) else model.state_dict()
+            if is_main_process():
+                atomic_save(state, self.path)
             self.best, self.best_epoch = value, learn.epoch
 
     def cleanup_fit(self, learn: BaseLearner) -> None:
         if not (self.load_best and self.best_epoch >= 0):
             return
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        learn.model.load_state_dict(state)
-        print(
-            f"SaveBestCB: loaded the weights of epoch {self.best_epoch} "
-            f"({self.monitor.name} {self.best:.6g}) from {self.path}.",
-            flush=True,
-        )
+        # Rank 0 reads the file it wrote, and hands the weights to the others.
+        main, model = is_main_process(), unwrap_model(learn.model)
+        state = torch.load(self.path, map_location="cpu", weights_only=True) if main else {}
+        if is_sharded(model):
+            load_model_state(model, state, from_rank0=True)
+        else:
+            if main:
+                model.load_state_dict(state)
+            broadcast_module(model)
+        if main:
+            print(
+                f"SaveBestCB: loaded the weights of epoch {self.best_epoch} "
+                f"({self.monitor.name} {self.best:.6g}) from {self.path}.",
+                flush=True,
+            )
 
 
 class TerminateOnNaNCB(Callback):

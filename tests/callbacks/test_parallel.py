@@ -391,3 +391,337 @@ def test_a_failing_rank_does_not_hang_the_other(tmp_path: Path) -> None:
     proc = _torchrun(tmp_path, "raise", timeout=120)  # a hang would raise TimeoutExpired
     assert proc.returncode != 0
     assert "rank 1 failed on purpose" in proc.stdout + proc.stderr
+
+
+# -- FSDP2: the model sharded over two processes -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    pytest.importorskip("torcheval", reason="the two-process runs use a torcheval metric")
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    out = tmp_path_factory.mktemp("fsdp")
+    proc = _torchrun(out, "fsdp", timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    load = lambda name: torch.load(out / name, weights_only=False)
+    return {
+        "out": out,
+        "ranks": [load(f"fsdp_rank{r}.pt") for r in (0, 1)],
+        "resumed": [load(f"fsdp_resumed_rank{r}.pt") for r in (0, 1)],
+    }
+
+
+def _fsdp_oracle(tmp_path: Path, epochs: int = ds.EPOCHS) -> Learner:
+    from learner import SaveBestCB
+
+    g = torch.Generator().manual_seed(ds.SEED)
+    dls = DataLoaders.from_tensors(*ds.problem(), bs=2 * ds.BS, generator=g)
+    best = SaveBestCB(tmp_path / "best.pt", "accuracy", mode="max")
+    learn = ds.fsdp_learner(dls, best)
+    learn.remove_cb(learn.progress)
+    learn.fit(epochs)
+    return learn
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_fsdp_matches_one_process_on_the_global_batches(
+    fsdp_run: dict[str, Any], tmp_path: Path
+) -> None:
+    oracle = _fsdp_oracle(tmp_path)
+    saved = _weights(fsdp_run["out"] / "fsdp_end.pt")  # gathered whole from the shards
+    assert saved.keys() == oracle.model.state_dict().keys()
+    for k, v in oracle.model.state_dict().items():
+        torch.testing.assert_close(saved[k], v, rtol=0, atol=1e-6)
+    r0, r1 = fsdp_run["ranks"]
+    assert r0["history"] == r1["history"]
+    for got, want in zip(r0["history"], oracle.recorder.history, strict=True):
+        assert got == pytest.approx(want, abs=1e-6)
+    mean = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]
+    assert mean == pytest.approx(oracle.recorder.losses, abs=1e-6)
+    # GradClipCB clips by the sharded total norm, which is the whole model's
+    assert r0["norms"] == r1["norms"] == pytest.approx(oracle.norms.norms, abs=1e-6)
+    assert max(oracle.norms.norms) > ds.CLIP  # so clipping changed the steps
+    # get_preds after fit, on every rank: the whole validation set
+    preds, targets = oracle.get_preds()
+    for r in (r0, r1):
+        torch.testing.assert_close(r["preds"], preds, rtol=0, atol=1e-6)
+        assert torch.equal(r["targets"], targets)
+
+
+def test_fsdp_ranks_hold_half_of_each_parameter(fsdp_run: dict[str, Any]) -> None:
+    r0, r1 = fsdp_run["ranks"]
+    full = {k: v.numel() for k, v in ds.model().named_parameters()}
+    assert sum(full.values()) == 67
+    for name, n in full.items():  # sharded on dim 0: rank 0 takes the larger half
+        rows = ds.model().get_parameter(name).shape[0]
+        assert r0["local"][name] + r1["local"][name] == n
+        assert r0["local"][name] == math.ceil(rows / 2) * n // rows
+    assert (sum(r0["local"].values()), sum(r1["local"].values())) == (38, 29)
+
+
+def test_an_fsdp_checkpoint_loads_into_a_plain_model_with_its_optimizer(
+    fsdp_run: dict[str, Any], tmp_path: Path
+) -> None:
+    oracle = _fsdp_oracle(tmp_path)
+    path = fsdp_run["out"] / "fsdp_end.pt"
+    plain = ds.model()
+    plain.load_state_dict(_weights(path))  # a plain state_dict: no DTensor, no prefix
+    learn = ds.fsdp_learner(DataLoaders.from_tensors(*ds.problem(), bs=8))
+    learn.load(path)
+    for k, v in oracle.model.state_dict().items():
+        torch.testing.assert_close(learn.model.state_dict()[k], v, rtol=0, atol=1e-6)
+    mine, theirs = learn.opt.state_dict(), oracle.opt.state_dict()
+    for got, want in zip(mine["param_groups"], theirs["param_groups"], strict=True):
+        assert got["lr"] == pytest.approx(want["lr"])  # where the schedule left it
+        assert {**got, "lr": 0} == {**want, "lr": 0}
+    for i, state in theirs["state"].items():  # AdamW's moments, whole, numbered as a plain run's
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(mine["state"][i][key], state[key], rtol=1e-5, atol=1e-7)
+
+
+def test_save_best_under_fsdp_writes_the_whole_best_weights_once(
+    fsdp_run: dict[str, Any], tmp_path: Path
+) -> None:
+    oracle = _fsdp_oracle(tmp_path)
+    r0, r1 = fsdp_run["ranks"]
+    assert r0["best_epoch"] == r1["best_epoch"] == oracle.save_best.best_epoch
+    saved = torch.load(fsdp_run["out"] / "fsdp_best.pt", weights_only=True)
+    want = torch.load(tmp_path / "best.pt", weights_only=True)
+    for k, v in want.items():
+        torch.testing.assert_close(saved[k], v, rtol=0, atol=1e-6)
+
+
+def test_an_fsdp_run_resumes_mid_epoch_exactly(fsdp_run: dict[str, Any]) -> None:
+    # A new learner resumed from the checkpoint after batch 7 (epoch 1, batch 2): the same
+    # weights bit for bit, and the same history (epoch 1's training metrics accumulated on both
+    # sides of the checkpoint, on each rank: every rank's accumulators were saved).
+    out = fsdp_run["out"]
+    assert fsdp_run["ranks"][0]["written"] == [(1, 0), (1, 2), (2, 0), (2, 4), (3, 0)]
+    assert torch.load(out / "fsdp_ck.3.pt", weights_only=True)["progress"]["iter"] == 2
+    end, resumed = _weights(out / "fsdp_end.pt"), _weights(out / "fsdp_resumed.pt")
+    for k in end:
+        assert torch.equal(end[k], resumed[k]), k
+    for r in (0, 1):
+        assert fsdp_run["resumed"][r]["history"] == fsdp_run["ranks"][r]["history"]
+        assert fsdp_run["resumed"][r]["losses"] == fsdp_run["ranks"][r]["losses"]
+
+
+def test_resuming_with_another_number_of_processes(
+    fsdp_run: dict[str, Any], tmp_path: Path
+) -> None:
+    out = fsdp_run["out"]
+    g = torch.Generator().manual_seed(ds.SEED)
+    learn = ds.fsdp_learner(DataLoaders.from_tensors(*ds.problem(), bs=2 * ds.BS, generator=g))
+    learn.remove_cb(learn.progress)
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    # Mid-epoch: refused before anything changes, saying how to resume.
+    with pytest.raises(ValueError, match=r"by 2 process\(es\), and this run has 1.*epoch"):
+        learn.fit(ds.EPOCHS, resume_from=out / "fsdp_ck.3.pt")
+    assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in before.items())
+    assert learn.opt is None
+    # At an epoch boundary (the end of epoch 1): the weights, AdamW's moments, the schedule's
+    # position, the epoch and the data order go on, in one process, as in the two.
+    learn.fit(ds.EPOCHS, resume_from=out / "fsdp_ck.2.pt")
+    end = _weights(out / "fsdp_end.pt")
+    for k, v in learn.model.state_dict().items():
+        torch.testing.assert_close(v, end[k], rtol=0, atol=1e-6)
+    assert learn.recorder.history[-1] == pytest.approx(fsdp_run["ranks"][0]["history"][-1])
+    assert len(learn.recorder.history) == ds.EPOCHS
+
+
+# -- the DDP gaps, and FSDP with accumulation and uneven validation shards ---------------------
+
+
+@pytest.fixture(scope="module")
+def gaps_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    pytest.importorskip("torcheval", reason="the two-process runs use a torcheval metric")
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    out = tmp_path_factory.mktemp("gaps")
+    proc = _torchrun(out, "gaps", timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = ("accum_nosync", "accum_sync", "fsdp_accum", "fsdp_uneven", "lr_find", "best",
+             "dropout", "dropout_resumed")  # fmt: skip
+    runs = {n: [torch.load(out / f"{n}_rank{r}.pt", weights_only=False) for r in (0, 1)]
+            for n in names}  # fmt: skip
+    return {"out": out, **runs}
+
+
+def _sgd_oracle(dls: Any, *cbs: Any, epochs: int = ds.EPOCHS, net: Any = None) -> Learner:
+    learn = Learner(net or ds.model(), dls, F.cross_entropy, lr=ds.LR,
+                    opt_func=torch.optim.SGD, metrics=ds.metrics(), cbs=list(cbs))  # fmt: skip
+    learn.remove_cb(learn.progress)
+    learn.fit(epochs)
+    return learn
+
+
+def _rows_close(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a == pytest.approx(b, abs=1e-6)
+
+
+def _close_to(state: dict[str, torch.Tensor], model: nn.Module, atol: float = 1e-6) -> None:
+    assert state.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=atol)
+
+
+def test_grad_accum_under_ddp_all_reduces_once_per_step(gaps_run: dict[str, Any]) -> None:
+    from learner import GradAccumCB
+
+    # 5 batches an epoch in groups of 2, 2, 1: 3 steps, so 3 all-reduces (one bucket) an epoch
+    # instead of 5, and the same gradients: as each other and as one process on global batches.
+    assert [r["all_reduces"] for r in gaps_run["accum_nosync"]] == [3 * ds.EPOCHS] * 2
+    assert [r["all_reduces"] for r in gaps_run["accum_sync"]] == [5 * ds.EPOCHS] * 2
+    oracle = _sgd_oracle(ds.gaps_dls(2 * ds.BS), GradAccumCB(2))
+    for run in ("accum_nosync", "accum_sync"):
+        r0, r1 = gaps_run[run]
+        assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+        _close_to(r0["state"], oracle.model)
+        _rows_close(r0["history"], oracle.recorder.history)
+
+
+def test_grad_accum_under_fsdp_matches_one_process(gaps_run: dict[str, Any]) -> None:
+    from learner import GradAccumCB
+
+    oracle = _sgd_oracle(ds.gaps_dls(2 * ds.BS), GradAccumCB(2))
+    _close_to(gaps_run["fsdp_accum"][0]["state"], oracle.model)
+    _rows_close(gaps_run["fsdp_accum"][0]["history"], oracle.recorder.history)
+
+
+def test_fsdp_validation_shards_of_unequal_batches_count_every_sample_once(
+    gaps_run: dict[str, Any],
+) -> None:
+    r0, r1 = gaps_run["fsdp_uneven"]
+    assert (r0["valid_batches"], r1["valid_batches"]) == (2, 1)  # and yet no rank waited forever
+    oracle = _sgd_oracle(ds.gaps_dls(2 * ds.BS, uneven=True), epochs=2)
+    _close_to(r0["state"], oracle.model)
+    assert r0["history"] == r1["history"]
+    _rows_close(r0["history"], oracle.recorder.history)
+    assert r0["history"][-1]["accuracy"] * ds.N_UNEVEN == pytest.approx(
+        round(r0["history"][-1]["accuracy"] * ds.N_UNEVEN), abs=1e-5
+    )
+
+
+def test_lr_find_under_ddp_is_sharded_and_agrees_on_every_rank(gaps_run: dict[str, Any]) -> None:
+    r0, r1 = gaps_run["lr_find"]
+    assert r0["lr_losses"] == r1["lr_losses"] and r0["suggestion"] == r1["suggestion"]
+    g = torch.Generator().manual_seed(ds.SEED)
+    dls = DataLoaders.from_tensors(*ds.problem(), bs=2 * ds.BS, generator=g)
+    learn = Learner(ds.model(), dls, F.cross_entropy, lr=ds.LR, opt_func=torch.optim.SGD)
+    result = learn.lr_find(num_it=12, stop_factor=None)
+    assert r0["lrs"] == result.lrs
+    assert r0["lr_losses"] == pytest.approx(result.losses, abs=1e-6)  # the global batches' losses
+    assert r0["suggestion"] == pytest.approx(result.suggestion)
+    # and it left no trace: the fit after it is the plain run's
+    assert r0["history"] == []
+
+
+def test_save_best_under_ddp_writes_on_rank_zero_only(
+    gaps_run: dict[str, Any], tmp_path: Path
+) -> None:
+    from learner import SaveBestCB
+
+    r0, r1 = gaps_run["best"]
+    assert r0["writes"] > 0 and r1["writes"] == 0
+    best = SaveBestCB(tmp_path / "best.pt", "valid_loss", load_best=True)
+    oracle = _sgd_oracle(ds.gaps_dls(2 * ds.BS), best)
+    assert r0["best_epoch"] == r1["best_epoch"] == best.best_epoch
+    for r in (r0, r1):  # load_best: rank 0 read the file, and handed the weights on
+        _close_to(r["state"], oracle.model)
+    saved = torch.load(gaps_run["out"] / "best.pt", weights_only=True)
+    _close_to(saved, oracle.model)
+
+
+def test_a_ddp_run_with_per_rank_randomness_resumes_mid_epoch_exactly(
+    gaps_run: dict[str, Any],
+) -> None:
+    # Dropout draws each rank's own masks (seeded 100 + rank); the checkpoint after batch 7
+    # holds each rank's random states and metric accumulators, so the resumed run is the same.
+    for r in (0, 1):
+        run, resumed = gaps_run["dropout"][r], gaps_run["dropout_resumed"][r]
+        assert run["written"] == [(1, 0), (1, 2), (2, 0), (2, 4), (3, 0)]
+        assert all(torch.equal(run["state"][k], resumed["state"][k]) for k in run["state"])
+        assert resumed["history"] == run["history"] and resumed["losses"] == run["losses"]
+    ckpt = torch.load(gaps_run["out"] / "dropout_ck.1.pt", weights_only=True)
+    assert ckpt["progress"]["iter"] == 4 and ckpt["ranks"]["world_size"] == 2
+    rng0, rng1 = ckpt["rng"]["torch"], ckpt["ranks"]["states"][0]["rng"]["torch"]
+    assert not torch.equal(rng0, rng1)  # each rank's own
+
+
+# -- FSDP and the gradient sync flag, in one process ----------------------------------------------
+
+
+def test_fsdp_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match='"ddp" or "fsdp"'):
+        DistributedCB(strategy="zero3")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match='for strategy="fsdp"'):
+        DistributedCB(policy=nn.Linear)
+    with pytest.raises(ValueError, match="fsdp_kwargs"):
+        DistributedCB(strategy="fsdp", ddp_kwargs={"find_unused_parameters": True})
+    from learner.fsdp import sharded_blocks
+
+    with pytest.raises(TypeError, match="module type"):
+        sharded_blocks(nn.Linear(2, 2), policy="Linear")  # type: ignore[arg-type]
+
+
+def test_fsdp_refuses_a_wrapped_model(tiny: dict[str, Any]) -> None:
+    learn = Learner(**{**tiny, "model": nn.DataParallel(tiny["model"])},
+                    cbs=[DistributedCB(strategy="fsdp")])  # fmt: skip
+    with pytest.raises(ValueError, match="shards the plain model"):
+        learn.fit(1)
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+        self.out = nn.Linear(2, 2)
+
+
+def test_sharded_blocks_follow_the_policy() -> None:
+    from learner.fsdp import is_sharded, sharded_blocks
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), _Block(), _Block(), nn.LayerNorm(2))
+    # default: each child with parameters
+    assert sharded_blocks(model) == [model[0], model[2], model[3], model[4]]
+    assert sharded_blocks(model, _Block) == [model[2], model[3]]
+    # inner blocks before the blocks holding them, as fully_shard needs
+    linears = sharded_blocks(model, (nn.Linear, nn.Sequential))
+    assert linears.index(model[2].inner[0]) < linears.index(model[2].inner)
+    assert model not in linears  # the root is sharded last, by shard_model
+    big = sharded_blocks(model, lambda m: sum(p.numel() for p in m.parameters()) > 6)
+    assert big == [model[2], model[3]]
+    assert not is_sharded(model)
+
+
+def test_grad_accum_clears_grad_sync_for_the_batches_that_do_not_step(
+    tiny: dict[str, Any],
+) -> None:
+    from learner import GradAccumCB
+
+    seen: list[tuple[bool, bool]] = []
+
+    class SpyCB(Callback):
+        order = 6  # after GradAccumCB set it
+
+        def before_batch(self, learn: Learner) -> None:
+            if learn.training:
+                seen.append((learn.iter, learn.grad_sync))
+
+        def after_step(self, learn: Learner) -> None:
+            assert learn.grad_sync  # only a synchronised batch steps
+
+    dls = DataLoaders.from_tensors(*make_data(40), bs=4)  # 10 batches: groups of 3, 3, 3, 1
+    learn = Learner(**{**tiny, "dls": dls}, cbs=[GradAccumCB(3), SpyCB()])
+    n = len(learn.dls.train)
+    assert n == 10
+    learn.fit(1)
+    steps = {i for i in range(n) if (i + 1) % 3 == 0 or i == n - 1}
+    assert seen == [(i, i in steps) for i in range(n)]
+    assert learn.grad_sync  # True again after the phase
