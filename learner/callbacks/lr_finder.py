@@ -16,7 +16,7 @@ from learner.callbacks.recorder import smooth
 from learner.callbacks.schedule import sched_exp, set_hyper
 from learner.checks import check_int, check_number, param_groups
 from learner.core import BaseLearner, Callback, CancelFitException
-from learner.distributed import is_distributed, ranks_where
+from learner.distributed import all_reduce_sum, is_distributed, world_size
 from learner.plotting import new_figure
 from learner.snapshot import side_run
 
@@ -220,7 +220,7 @@ class LRFinderCB(Callback):
     def after_batch(self, learn: BaseLearner) -> None:
         if not learn.training:
             return
-        loss = learn.loss.item()
+        loss = self._global_loss(learn)
         self.lrs.append(self.lr)
         self.losses.append(loss)
         self.avg = self.beta * self.avg + (1 - self.beta) * loss
@@ -231,11 +231,17 @@ class LRFinderCB(Callback):
             or not math.isfinite(smoothed)
             or (self.stop_factor is not None and smoothed > self.stop_factor * self.best)
         )
-        # Under DDP each rank sees its own losses: stop all together when any rank would stop.
-        if is_distributed():  # every rank takes part in the collective, stopping or not
-            stop = bool(ranks_where(stop))
-        if stop:
+        if stop:  # the same decision on every rank, from the same losses
             raise CancelFitException()
+
+    @staticmethod
+    def _global_loss(learn: BaseLearner) -> float:
+        # Under DDP/FSDP each rank trains on its shard of the global batch, of equal size
+        # (training shards are padded): the mean of the ranks' losses is the global batch's, the
+        # same number on every rank, so all record the same curve and stop together.
+        if not is_distributed():
+            return learn.loss.item()
+        return all_reduce_sum(learn.loss.detach().float().reshape(1)).item() / world_size()
 
 
 class _Repeat:
