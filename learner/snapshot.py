@@ -16,8 +16,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 
 from learner.core import BaseLearner, Callback
+from learner.fsdp import is_sharded, load_grads, load_model_state
 from learner.rng import rng_state, set_rng_state
 from learner.utils import restore_training_flags, training_flags
 
@@ -59,20 +61,24 @@ def kept_state(
         (p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()
     ] if weights else []  # fmt: skip
     opt_state = copy.deepcopy(optimizer.state_dict()) if opt and optimizer is not None else None
+    sharded = is_sharded(model)
     try:
         yield
     finally:
         learn.model, learn.opt = model, optimizer
-        with torch.no_grad():
-            for m, name, t, saved in tensors:
-                if t.device == saved.device and t.dtype == saved.dtype:
-                    t.copy_(saved)
-                else:  # moved or cast in the block (DeviceCB moves the model): move it back
-                    t.data = saved
-                if getattr(m, name) is not t:
-                    setattr(m, name, t)
-        for p, grad in grads:
-            p.grad = grad
+        if weights and not sharded and is_sharded(model):
+            _reload_sharded(model, tensors, grads)
+        else:
+            with torch.no_grad():
+                for m, name, t, saved in tensors:
+                    if t.device == saved.device and t.dtype == saved.dtype:
+                        t.copy_(saved)
+                    else:  # moved or cast in the block (DeviceCB moves the model): move it back
+                        t.data = saved
+                    if getattr(m, name) is not t:
+                        setattr(m, name, t)
+            for p, grad in grads:
+                p.grad = grad
         restore_training_flags(flags)
         if optimizer is not None and opt_state is not None:
             optimizer.load_state_dict(opt_state)  # after the weights: it casts to their device
@@ -80,6 +86,18 @@ def kept_state(
             setattr(learn, name, value)
         if rngs is not None:
             set_rng_state(learn.dls, rngs)
+
+
+def _reload_sharded(model: nn.Module, tensors: list[Any], grads: list[Any]) -> None:
+    # Sharded in the block (DistributedCB(strategy="fsdp") at a side run's first fit): a model
+    # cannot be un-sharded, so the values go back into the shards instead of the tensors.
+    # fully_shard keeps the parameters' names and order.
+    prefix = {id(m): name for name, m in model.named_modules()}
+    keys = set(model.state_dict())
+    full = {f"{prefix[id(m)]}.{n}".lstrip("."): saved for m, n, _, saved in tensors}
+    load_model_state(model, {k: v for k, v in full.items() if k in keys})
+    names = [n for n, _ in model.named_parameters()]
+    load_grads(model, {n: g for n, (_, g) in zip(names, grads) if g is not None})
 
 
 @contextmanager

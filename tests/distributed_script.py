@@ -272,15 +272,25 @@ def gaps(out: Path) -> None:
     - "accum_nosync"/"accum_sync": GradAccumCB(2) under DDP, all-reduces counted, with and
       without no_sync; "fsdp_accum": the same under FSDP;
     - "fsdp_uneven": FSDP with validation shards of 2 batches and 1 (a forward more, uncounted);
-    - "lr_find": a sharded lr_find under DDP;
+    - "lr_find": a sharded lr_find under DDP; "fsdp_lr_find": under FSDP, then fit(1);
+    - "fsdp_autocast", "fsdp_mp_policy": FSDP with MixedPrecisionCB, and with FSDP's own
+      MixedPrecisionPolicy (bfloat16 parameters, float32 reductions);
     - "best": SaveBestCB(load_best=True) under DDP, its writes counted on each rank;
     - "dropout"/"dropout_resumed": DDP with dropout and each rank's own random state, checkpointed
       mid-epoch, and resumed from there by a new learner.
     """
     import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     import learner.callbacks.tracker as tracker
-    from learner import CheckpointCB, DistributedCB, GradAccumCB, Learner, SaveBestCB
+    from learner import (
+        CheckpointCB,
+        DistributedCB,
+        GradAccumCB,
+        Learner,
+        MixedPrecisionCB,
+        SaveBestCB,
+    )
     from learner.distributed import rank
     from learner.fsdp import full_model_state, is_sharded
 
@@ -316,6 +326,20 @@ def gaps(out: Path) -> None:
     learn = sgd_learner(dls())
     result = learn.lr_find(num_it=12, stop_factor=None)
     save("lr_find", learn, lrs=result.lrs, lr_losses=result.losses, suggestion=result.suggestion)
+    # FSDP: lr_find shards the model in its side run, and puts the values back into the shards
+    learn = sgd_learner(dls(), DistributedCB(strategy="fsdp"))
+    result = learn.lr_find(num_it=12, stop_factor=None)
+    learn.fit(1)
+    save("fsdp_lr_find", learn, lrs=result.lrs, lr_losses=result.losses)
+
+    learn = sgd_learner(dls(), DistributedCB(strategy="fsdp"), MixedPrecisionCB())
+    learn.fit(2)
+    save("fsdp_autocast", learn)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                  output_dtype=torch.float32)  # fmt: skip
+    learn = sgd_learner(dls(), DistributedCB(strategy="fsdp", fsdp_kwargs={"mp_policy": policy}))
+    learn.fit(2)
+    save("fsdp_mp_policy", learn)
 
     writes: list[Path] = []
     atomic_save = tracker.atomic_save

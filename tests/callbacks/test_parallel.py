@@ -545,7 +545,8 @@ def gaps_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     proc = _torchrun(out, "gaps", timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = ("accum_nosync", "accum_sync", "fsdp_accum", "fsdp_uneven", "lr_find", "best",
-             "dropout", "dropout_resumed")  # fmt: skip
+             "dropout", "dropout_resumed", "fsdp_lr_find", "fsdp_autocast",
+             "fsdp_mp_policy")  # fmt: skip
     runs = {n: [torch.load(out / f"{n}_rank{r}.pt", weights_only=False) for r in (0, 1)]
             for n in names}  # fmt: skip
     return {"out": out, **runs}
@@ -725,3 +726,35 @@ def test_grad_accum_clears_grad_sync_for_the_batches_that_do_not_step(
     steps = {i for i in range(n) if (i + 1) % 3 == 0 or i == n - 1}
     assert seen == [(i, i in steps) for i in range(n)]
     assert learn.grad_sync  # True again after the phase
+
+
+def test_lr_find_under_fsdp_agrees_with_one_process_and_leaves_no_trace(
+    gaps_run: dict[str, Any],
+) -> None:
+    r0, r1 = gaps_run["fsdp_lr_find"]
+    assert r0["lr_losses"] == r1["lr_losses"]
+    learn = Learner(ds.model(), ds.gaps_dls(2 * ds.BS), F.cross_entropy, lr=ds.LR,
+                    opt_func=torch.optim.SGD, metrics=ds.metrics())  # fmt: skip
+    learn.remove_cb(learn.progress)
+    result = learn.lr_find(num_it=12, stop_factor=None)
+    assert r0["lr_losses"] == pytest.approx(result.losses, abs=1e-6)
+    learn.fit(1)  # the fit after the sweep is the plain fit's: the sweep put everything back
+    _close_to(r0["state"], learn.model)
+    _rows_close(r0["history"], learn.recorder.history)
+
+
+def test_mixed_precision_under_fsdp(gaps_run: dict[str, Any]) -> None:
+    from learner import MixedPrecisionCB
+
+    # bfloat16 autocast on the CPU: the same rounding on each sample's rows, so close to one
+    # process; FSDP's own policy (bfloat16 parameters) differs from float32 by bfloat16's 3 digits.
+    amp = _sgd_oracle(ds.gaps_dls(2 * ds.BS), MixedPrecisionCB(), epochs=2)
+    _close_to(gaps_run["fsdp_autocast"][0]["state"], amp.model, atol=1e-3)
+    plain = _sgd_oracle(ds.gaps_dls(2 * ds.BS), epochs=2)
+    _close_to(gaps_run["fsdp_mp_policy"][0]["state"], plain.model, atol=2e-2)
+    for run in ("fsdp_autocast", "fsdp_mp_policy"):
+        r0, r1 = gaps_run[run]
+        assert r0["history"] == r1["history"]
+        assert r0["history"][-1]["valid_loss"] == pytest.approx(
+            plain.recorder.history[-1]["valid_loss"], abs=2e-2
+        )
