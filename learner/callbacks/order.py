@@ -70,6 +70,9 @@ CONSTRAINTS: tuple[Constraint, ...] = (
                "autocast's device type is the model's"),
     Constraint("DistributedCB", "MetricsCB", "before_fit",
                "MetricsCB looks at the sharded loaders"),
+    Constraint("DistributedCB", "MetricsCB", "after_validate",
+               "under FSDP a rank's extra forward pairs with the others' last batch before the "
+               "metrics' all-reduce"),
     Constraint("RecorderCB", "TensorBoardCB", "after_epoch",
                "the row is recorded before it is written"),
     Constraint("GradAccumCB", "MixedPrecisionCB", "before_step",
