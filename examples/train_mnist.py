@@ -18,6 +18,7 @@ Run from the repository root:
     python examples/train_mnist.py --dataset digits --model mlp  # no MNIST needed
     python examples/train_mnist.py --help
     torchrun --nproc_per_node=2 examples/train_mnist.py   # one process per GPU (or CPU share)
+    torchrun --nproc_per_node=2 examples/train_mnist.py --strategy fsdp   # the model sharded
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from learner import Learner, accuracy
+from learner import DistributedCB, Learner, accuracy
 from learner.data import DataLoaders, DataNotFoundError, data_root, digits, mnist
-from learner.distributed import is_main_process
+from learner.distributed import is_main_process, torchrun_env
+from learner.fsdp import full_model_state, is_sharded
 
 
 def arg(default: Any, help: str) -> Any:
@@ -58,6 +60,7 @@ class Args:
     download: bool = arg(True, "download MNIST if it is missing")
     out_dir: str = arg("runs", "where the plots and the weights go")
     seed: int = arg(42, "random seed for the weights and the shuffling")
+    strategy: Literal["ddp", "fsdp"] = arg("ddp", "under torchrun: DDP, or the model sharded")
 
 
 def parse_args(cls: type[Any]) -> Any:
@@ -122,7 +125,9 @@ else:
     model = nn.Sequential(nn.Flatten(), nn.Linear(n_pixels, 128), nn.ReLU(), nn.Linear(128, 10))
 
 # -- train: the default callbacks show progress bars and a results table, and record the losses --
-learn = Learner(model, dls, F.cross_entropy, lr=None, metrics=accuracy)
+# Under torchrun the Learner adds a DistributedCB (DDP) by itself; this one says which strategy.
+cbs = [DistributedCB(strategy=args.strategy)] if torchrun_env() else []
+learn = Learner(model, dls, F.cross_entropy, lr=None, metrics=accuracy, cbs=cbs)
 start = time.time()
 lr = args.lr
 if lr is None:
@@ -135,20 +140,24 @@ learn.fit_one_cycle(epochs, lr_max=lr)
 elapsed = time.time() - start
 
 # -- look at the results, save the pictures and the weights (under torchrun, once: rank 0) -------
+# Every rank predicts (a sharded model's forward gathers its parameters with the other ranks);
+# rank 0 alone writes and prints.
+interp = learn.interpret()
+results = learn.show_results()
+weights = full_model_state(model) if is_sharded(model) else model.state_dict()
 if not is_main_process():
     raise SystemExit
 out = Path(args.out_dir)
 out.mkdir(parents=True, exist_ok=True)
-interp = learn.interpret()
 pictures = {
     "train_mnist_loss.png": learn.recorder.plot_loss(),
     "train_mnist_metrics.png": learn.recorder.plot_metrics(),
-    "train_mnist_results.png": learn.show_results(),
+    "train_mnist_results.png": results,
     "train_mnist_confusion.png": interp.plot_confusion_matrix(),
 }
 for name, fig in pictures.items():
     fig.savefig(out / name, dpi=100)
-torch.save(model.state_dict(), out / "train_mnist.pt")
+torch.save(weights, out / "train_mnist.pt")
 print(f"saved {', '.join(str(out / name) for name in pictures)} and the weights "
       f"{out / 'train_mnist.pt'}")  # fmt: skip
 confused = ", ".join(f"{a}->{p} {n}" for a, p, n in interp.most_confused()[:5])

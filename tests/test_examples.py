@@ -100,6 +100,33 @@ def test_train_mnist_on_the_digits_with_its_defaults_reaches_0_97(tmp_path: Path
     assert final_accuracy(out) >= 0.97
 
 
+def test_train_mnist_under_torchrun_with_fsdp(tmp_path: Path) -> None:
+    # The README's multi-process command with the model sharded, on the offline digits: lr_find,
+    # one cycle, the pictures and the whole weights, written once, by rank 0.
+    pytest.importorskip("sklearn", reason="the digits are scikit-learn's")
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(EXAMPLES / "train_mnist.py"), "--dataset", "digits", "--model", "mlp",
+           "--epochs", 3, "--strategy", "fsdp", "--out-dir", tmp_path]  # fmt: skip
+    proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True,
+                          env={**env, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"},
+                          timeout=180)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check_table(proc.stdout, 3)  # printed once: rank 0 only
+    assert proc.stdout.count("lr_find suggests") == 1
+    assert final_accuracy(proc.stdout) > 0.8
+    import torch
+
+    weights = torch.load(tmp_path / "train_mnist.pt", weights_only=True)  # whole, plain tensors
+    assert weights["1.weight"].shape == (128, 64) and type(weights["1.weight"]) is torch.Tensor
+    assert (tmp_path / "train_mnist_confusion.png").stat().st_size > 0
+
+
+@needs_mnist
 def test_minibatch_course() -> None:
     out = run("minibatch_course.py", "--epochs", 1).stdout  # all 60,000 images: about a second
     check_table(out, 1)
