@@ -9,9 +9,12 @@ training: the whole model under DDP, about `1/N` of it under FSDP.
 
 The 1- and 2-process launches alternate, `--reps` times; each launch times every model and
 strategy (the median of 3 timed epochs after a warm-up one), and the speed-up is the median of
-the paired ratios. The data are random tensors of MNIST's shape: it measures the loop and the
-collectives, not a dataset. Run on CPUs with gloo (as here), or on GPUs with nccl (`--device
-cuda`, one GPU per process).
+the paired ratios. Each launch also times, beside the Learner, the fastest hand-written loop we
+know on the same shards (`index_select` batches of this rank's share of one permutation, the
+model wrapped in DDP or sharded with `fully_shard`, AdamW): the second table is the Learner's
+time over the hand loop's, the median over launches of the ratio within each. The data are
+random tensors of MNIST's shape: it measures the loop and the collectives, not a dataset. Run on
+CPUs with gloo (as here), or on GPUs with nccl (`--device cuda`, one GPU per process).
 
 Run: `python benchmarks/scaling.py [--reps 3] [--batches 40] [--bs 64]`
 """
@@ -67,6 +70,49 @@ def held_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
     return params + state
 
 
+def hand_loop(name: str, strategy: str, x: torch.Tensor, y: torch.Tensor, bs: int,
+              device: torch.device) -> list[float]:  # fmt: skip
+    """Seconds of 3 timed epochs (after a warm-up one) of the hand-written loop on this rank."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = make_model(name).to(device)
+    if strategy == "ddp":
+        ids = [device] if device.type == "cuda" else None
+        net: nn.Module = DistributedDataParallel(model, device_ids=ids)
+    else:  # one mesh for all the blocks, as learner.fsdp.shard_model does
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for block in (m for m in model.children() if next(m.parameters(), None) is not None):
+            fully_shard(block, mesh=mesh)
+        net = fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    r, n = dist.get_rank(), dist.get_world_size()
+    times = []
+    for epoch in range(4):
+        _sync(device)
+        dist.barrier()
+        start = time.perf_counter()
+        idx = torch.randperm(len(x), generator=g)[r::n].to(device)
+        for i in range(0, len(idx), bs):
+            batch = idx[i : i + bs]
+            loss = F.cross_entropy(net(x.index_select(0, batch)), y.index_select(0, batch))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        _sync(device)
+        if epoch:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def worker(args: argparse.Namespace) -> None:
     """One process of a launch: times every model and strategy, rank 0 prints JSON lines."""
     import torch.distributed as dist
@@ -93,20 +139,20 @@ def worker(args: argparse.Namespace) -> None:
             learn.remove_cb(learn.progress)
             times = []
             for i in range(4):  # a warm-up epoch, then 3 timed
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                _sync(device)
                 dist.barrier()
                 start = time.perf_counter()
                 learn.fit(1, valid=False)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                _sync(device)
                 if i:
                     times.append(time.perf_counter() - start)
             held = held_bytes(learn.model, learn.opt)
+            hand = hand_loop(name, strategy, x, y, args.bs, device)
             if rank() == 0:
                 speed = samples / statistics.median(times)
+                ratio = statistics.median(times) / statistics.median(hand)
                 line = {"model": name, "strategy": strategy, "n": n, "samples_per_s": speed,
-                        "bytes": held}  # fmt: skip
+                        "bytes": held, "vs_hand": ratio}  # fmt: skip
                 print("RESULT " + json.dumps(line), flush=True)
             del learn
     dist.barrier()
@@ -149,6 +195,7 @@ def main() -> None:
               "bytes/rank 1 proc", "bytes/rank 2 procs", "share")  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
+    overhead = []
     for i, (model, strategy) in enumerate((m, s) for m in MODELS for s in STRATEGIES):
         one = [run[i] for run in runs[1]]
         two = [run[i] for run in runs[2]]
@@ -160,6 +207,11 @@ def main() -> None:
                  f"{statistics.median(r['samples_per_s'] for r in two):,.0f}", f"{speedup:.2f}x",
                  f"{b1:,}", f"{b2:,}", f"{b2 / b1:.2f}")  # fmt: skip
         print("| " + " | ".join(cells) + " |")
+        vs_hand = [statistics.median(r["vs_hand"] for r in rs) for rs in (one, two)]
+        overhead.append(f"| {model} | {strategy} | {vs_hand[0]:.3f}x | {vs_hand[1]:.3f}x |")
+    print("\nThe Learner's time over the hand-written loop's (same shards, same collectives):\n")
+    print("| model | strategy | 1 proc | 2 procs |\n|---|---|---|---|")
+    print("\n".join(overhead))
 
 
 if __name__ == "__main__":
