@@ -266,6 +266,26 @@ class ShardsCB(Callback):
         self.valid_batches = len(learn.dl)
 
 
+def save_inf_check(out: Path, r: int) -> None:
+    """An inf in rank 0's shard of one gradient only: does the GradScaler skip the step on both
+    ranks, and lower the scale alike? (DTensor reduces its inf check over the shards.)"""
+    from learner.fsdp import shard_model
+
+    net = shard_model(model(), torch.device("cpu"))
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    x, y, _, _ = problem()
+    scaler.scale(F.cross_entropy(net(x[:8]), y[:8])).backward()
+    weight = net[0].weight
+    if r == 0:
+        weight.grad.to_local()[0, 0] = torch.inf  # type: ignore[union-attr]
+    before = weight.to_local().clone()  # type: ignore[operator]
+    scaler.step(opt)
+    scaler.update()
+    stepped = not torch.equal(before, weight.to_local())  # type: ignore[operator]
+    torch.save({"stepped": stepped, "scale": scaler.get_scale()}, out / f"inf_rank{r}.pt")
+
+
 def gaps(out: Path) -> None:
     """The DDP gaps, and FSDP with accumulation and uneven validation shards:
 
@@ -273,8 +293,9 @@ def gaps(out: Path) -> None:
       without no_sync; "fsdp_accum": the same under FSDP;
     - "fsdp_uneven": FSDP with validation shards of 2 batches and 1 (a forward more, uncounted);
     - "lr_find": a sharded lr_find under DDP; "fsdp_lr_find": under FSDP, then fit(1);
-    - "fsdp_autocast", "fsdp_mp_policy": FSDP with MixedPrecisionCB, and with FSDP's own
-      MixedPrecisionPolicy (bfloat16 parameters, float32 reductions);
+    - "fsdp_autocast", "fsdp_fp16", "fsdp_mp_policy": FSDP with MixedPrecisionCB (bfloat16;
+      float16 with a GradScaler), and with FSDP's own MixedPrecisionPolicy (bfloat16 parameters,
+      float32 reductions); "inf": a GradScaler step with an inf in one rank's shard only;
     - "best": SaveBestCB(load_best=True) under DDP, its writes counted on each rank;
     - "dropout"/"dropout_resumed": DDP with dropout and each rank's own random state, checkpointed
       mid-epoch, and resumed from there by a new learner.
@@ -335,6 +356,12 @@ def gaps(out: Path) -> None:
     learn = sgd_learner(dls(), DistributedCB(strategy="fsdp"), MixedPrecisionCB())
     learn.fit(2)
     save("fsdp_autocast", learn)
+    learn = sgd_learner(dls(), DistributedCB(strategy="fsdp"),
+                        MixedPrecisionCB(torch.float16, scaler=True))  # fmt: skip
+    learn.fit(2)
+    save("fsdp_fp16", learn, n_skipped=learn.mixed_precision.n_skipped,
+         scale=learn.mixed_precision.scaler.get_scale())  # fmt: skip
+    save_inf_check(out, r)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                   output_dtype=torch.float32)  # fmt: skip
     learn = sgd_learner(dls(), DistributedCB(strategy="fsdp", fsdp_kwargs={"mp_policy": policy}))

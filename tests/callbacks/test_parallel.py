@@ -548,8 +548,8 @@ def gaps_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     proc = _torchrun(out, "gaps", timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = ("accum_nosync", "accum_sync", "fsdp_accum", "fsdp_uneven", "lr_find", "best",
-             "dropout", "dropout_resumed", "fsdp_lr_find", "fsdp_autocast",
-             "fsdp_mp_policy")  # fmt: skip
+             "dropout", "dropout_resumed", "fsdp_lr_find", "fsdp_autocast", "fsdp_fp16",
+             "fsdp_mp_policy", "inf")  # fmt: skip
     runs = {n: [torch.load(out / f"{n}_rank{r}.pt", weights_only=False) for r in (0, 1)]
             for n in names}  # fmt: skip
     return {"out": out, **runs}
@@ -761,3 +761,18 @@ def test_mixed_precision_under_fsdp(gaps_run: dict[str, Any]) -> None:
         assert r0["history"][-1]["valid_loss"] == pytest.approx(
             plain.recorder.history[-1]["valid_loss"], abs=2e-2
         )
+
+
+def test_float16_with_a_grad_scaler_under_fsdp(gaps_run: dict[str, Any]) -> None:
+    from learner import MixedPrecisionCB
+
+    oracle = _sgd_oracle(ds.gaps_dls(2 * ds.BS), MixedPrecisionCB(torch.float16, scaler=True),
+                         epochs=2)  # fmt: skip
+    r0, r1 = gaps_run["fsdp_fp16"]
+    _close_to(r0["state"], oracle.model, atol=1e-3)
+    assert r0["history"] == r1["history"] and r0["scale"] == r1["scale"]
+    assert r0["n_skipped"] == r1["n_skipped"] == oracle.mixed_precision.n_skipped
+    # An inf in rank 0's shard alone: both ranks skip the step and halve the scale together
+    # (DTensor all-reduces the GradScaler's inf check over the shards).
+    assert [r["stepped"] for r in gaps_run["inf"]] == [False, False]
+    assert [r["scale"] for r in gaps_run["inf"]] == [2.0**7] * 2
