@@ -298,7 +298,10 @@ def gaps(out: Path) -> None:
       float32 reductions); "inf": a GradScaler step with an inf in one rank's shard only;
     - "best": SaveBestCB(load_best=True) under DDP, its writes counted on each rank;
     - "dropout"/"dropout_resumed": DDP with dropout and each rank's own random state, checkpointed
-      mid-epoch, and resumed from there by a new learner.
+      mid-epoch, and resumed from there by a new learner;
+    - "from_single": one process' checkpoints (single.pt after epoch 0, single_mid.pt after
+      batch 2, written by the test) resumed by two processes: the first goes on, the second is
+      refused.
     """
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -385,6 +388,19 @@ def gaps(out: Path) -> None:
     learn = sgd_learner(dls(), net=dropout_model())
     learn.fit(EPOCHS, resume_from=out / "dropout_ck.1.pt")
     save("dropout_resumed", learn)
+
+    # One process' checkpoints (written by the test): at an epoch boundary, two processes go on
+    # with it; mid-epoch they refuse it.
+    learn = sgd_learner(dls())
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    try:
+        learn.fit(EPOCHS, resume_from=out / "single_mid.pt")
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    unchanged = all(torch.equal(v, learn.model.state_dict()[k]) for k, v in before.items())
+    learn.fit(EPOCHS, resume_from=out / "single.pt")
+    save("from_single", learn, refused=refused, unchanged=unchanged)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -545,11 +545,20 @@ def gaps_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("needs torch.distributed with gloo")
     out = tmp_path_factory.mktemp("gaps")
+    # One process' checkpoints, at the end of epoch 0 and after batch 2, for the two processes
+    # to resume.
+    from learner import CheckpointCB
+
+    for cb in (
+        CheckpointCB(out / "single.pt"),
+        CheckpointCB(out / "single_mid.pt", every_n_batches=2, every_n_epochs=None),
+    ):
+        _sgd_oracle(ds.gaps_dls(2 * ds.BS), cb, epochs=1)  # fmt: skip
     proc = _torchrun(out, "gaps", timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = ("accum_nosync", "accum_sync", "fsdp_accum", "fsdp_uneven", "lr_find", "best",
              "dropout", "dropout_resumed", "fsdp_lr_find", "fsdp_autocast", "fsdp_fp16",
-             "fsdp_mp_policy", "inf")  # fmt: skip
+             "fsdp_mp_policy", "inf", "from_single")  # fmt: skip
     runs = {n: [torch.load(out / f"{n}_rank{r}.pt", weights_only=False) for r in (0, 1)]
             for n in names}  # fmt: skip
     return {"out": out, **runs}
@@ -776,3 +785,17 @@ def test_float16_with_a_grad_scaler_under_fsdp(gaps_run: dict[str, Any]) -> None
     # (DTensor all-reduces the GradScaler's inf check over the shards).
     assert [r["stepped"] for r in gaps_run["inf"]] == [False, False]
     assert [r["scale"] for r in gaps_run["inf"]] == [2.0**7] * 2
+
+
+def test_a_one_process_checkpoint_resumes_on_two_at_an_epoch_boundary(
+    gaps_run: dict[str, Any],
+) -> None:
+    # Written by one process (bs 8) after epoch 0, resumed by two (bs 4 each): the same global
+    # batches, so the same run as one process's, within float tolerance.
+    oracle = _sgd_oracle(ds.gaps_dls(2 * ds.BS))
+    for r in gaps_run["from_single"]:
+        _close_to(r["state"], oracle.model)
+        _rows_close(r["history"], oracle.recorder.history)
+        # after batch 2 of epoch 0: refused on both ranks, before anything changed
+        assert "by 1 process(es), and this run has 2" in r["refused"]
+        assert "epoch" in r["refused"] and r["unchanged"]
