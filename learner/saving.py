@@ -99,31 +99,21 @@ FORMAT, VERSION = "learner.checkpoint", 3
 StrPath = str | os.PathLike[str]
 
 # The sections of each version this learner reads, in the order they are written.
+_V2 = (
+    "model",
+    "grads",
+    "opt",
+    "opt_class",
+    "callbacks",
+    "progress",
+    "rng",
+    "epoch_rng",
+    "checksum",
+)
 _SECTIONS = {
     1: ("model", "grads", "opt", "callbacks", "progress", "rng", "epoch_rng"),
-    2: (
-        "model",
-        "grads",
-        "opt",
-        "opt_class",
-        "callbacks",
-        "progress",
-        "rng",
-        "epoch_rng",
-        "checksum",
-    ),
-    3: (
-        "model",
-        "grads",
-        "opt",
-        "opt_class",
-        "callbacks",
-        "progress",
-        "rng",
-        "epoch_rng",
-        "ranks",
-        "checksum",
-    ),
+    2: _V2,
+    3: (*_V2[:-1], "ranks", "checksum"),  # the per-rank states, before the checksum
 }
 _PER_RANK = ("callbacks", "rng", "epoch_rng")  # what each rank of a distributed run has of its own
 
@@ -317,27 +307,13 @@ def _digest(obj: Any, algorithm: str) -> str:
     return str(h.hexdigest())
 
 
-def checkpoint(
+def _contents(
     learn: BaseLearner,
     progress: Mapping[str, int] | None = None,
     epoch_rng: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The checkpoint of `learn` as a dict (see the module docstring); `save` writes it.
-
-    Under torch.distributed every rank must call it; the dict is complete on rank 0.
-
-    Args:
-        learn: the learner.
-        progress: `{"epoch": e, "iter": k}`, the position; default: the end of the last fit's
-            last epoch run (the start before any fit).
-        epoch_rng: the random states the current epoch's shuffle was drawn from; needed to
-            resume mid-epoch (`k > 0`), as `CheckpointCB` keeps them.
-
-    Examples:
-        >>> ckpt = checkpoint(learn)
-        >>> ckpt["progress"], ckpt["opt_class"]
-        ({'epoch': 1, 'iter': 0, 'n_epochs': 1}, 'AdamW')
-    """
+    """The checkpoint of `learn` without its checksum: every state gathered (collectives under
+    torch.distributed, complete on rank 0) and checked to be plain."""
     if progress is None:
         progress = {"epoch": learn.epoch + 1 if learn.n_epochs else 0, "iter": 0}
     if learn.opt is not None and not callable(getattr(learn.opt, "state_dict", None)):
@@ -370,9 +346,37 @@ def checkpoint(
         "ranks": ranks,
     }
     _check_plain(ckpt, "")
-    sections = {name: _digest(value, _CHECKSUM) for name, value in ckpt.items()}
-    ckpt["checksum"] = {"algorithm": _CHECKSUM, "sections": sections}
     return ckpt
+
+
+def checkpoint(
+    learn: BaseLearner,
+    progress: Mapping[str, int] | None = None,
+    epoch_rng: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The checkpoint of `learn` as a dict (see the module docstring); `save` writes it.
+
+    Under torch.distributed every rank must call it; the dict is complete on rank 0.
+
+    Args:
+        learn: the learner.
+        progress: `{"epoch": e, "iter": k}`, the position; default: the end of the last fit's
+            last epoch run (the start before any fit).
+        epoch_rng: the random states the current epoch's shuffle was drawn from; needed to
+            resume mid-epoch (`k > 0`), as `CheckpointCB` keeps them.
+
+    Examples:
+        >>> ckpt = checkpoint(learn)
+        >>> ckpt["progress"], ckpt["opt_class"]
+        ({'epoch': 1, 'iter': 0, 'n_epochs': 1}, 'AdamW')
+    """
+    return _sealed(_contents(learn, progress, epoch_rng))
+
+
+def _sealed(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """`ckpt` with the checksum of each section, the one pass over all the bytes."""
+    sections = {name: _digest(value, _CHECKSUM) for name, value in ckpt.items()}
+    return {**ckpt, "checksum": {"algorithm": _CHECKSUM, "sections": sections}}
 
 
 def save(learn: BaseLearner, path: StrPath, **kwargs: Any) -> Path:
@@ -385,8 +389,8 @@ def save(learn: BaseLearner, path: StrPath, **kwargs: Any) -> Path:
         >>> learn.save("models/run.pt")
         PosixPath('models/run.pt')
     """
-    ckpt = checkpoint(learn, **kwargs)
-    return atomic_save(ckpt, path) if is_main_process() else Path(path)
+    ckpt = _contents(learn, **kwargs)  # every rank: the gathers are collectives
+    return atomic_save(_sealed(ckpt), path) if is_main_process() else Path(path)
 
 
 # -- reading and checking the file --------------------------------------------------------------
