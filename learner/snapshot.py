@@ -61,7 +61,7 @@ def kept_state(
         (p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()
     ] if weights else []  # fmt: skip
     opt_state = copy.deepcopy(optimizer.state_dict()) if opt and optimizer is not None else None
-    sharded = is_sharded(model)
+    sharded = weights and is_sharded(model)
     try:
         yield
     finally:
