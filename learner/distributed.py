@@ -17,6 +17,7 @@ Examples:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import torch
 
@@ -25,6 +26,7 @@ from learner.utils import unwrap_model
 __all__ = [
     "all_reduce_sum",
     "broadcast_module",
+    "broadcast_tensors",
     "collective_device",
     "is_distributed",
     "is_main_process",
@@ -121,18 +123,29 @@ def ranks_where(flag: bool) -> list[int]:
     return [i for i, f in enumerate(flags.tolist()) if f]
 
 
-def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
-    """Copy rank `src`'s parameters and buffers into every process' `module`, in place (nothing
-    without a process group of more than one process). Every process must call it.
+def broadcast_tensors(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Copy rank `src`'s `tensors` into every process' own, in place (nothing without a process
+    group of more than one process). Every process must call it, with tensors of the same
+    shapes in the same order.
 
     Examples:
-        >>> broadcast_module(model)  # every rank now holds rank 0's weights  # doctest: +SKIP
+        >>> broadcast_tensors(model.buffers())  # BatchNorm statistics of rank 0  # doctest: +SKIP
     """
     if not is_distributed():
         return
     with torch.no_grad():
-        for t in [*module.parameters(), *module.buffers()]:
+        for t in tensors:
             out = t.data.to(collective_device(t))
             torch.distributed.broadcast(out, src=src)
             if out is not t.data:
                 t.data.copy_(out)
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s parameters and buffers into every process' `module`, in place
+    (`broadcast_tensors`). Every process must call it.
+
+    Examples:
+        >>> broadcast_module(model)  # every rank now holds rank 0's weights  # doctest: +SKIP
+    """
+    broadcast_tensors([*module.parameters(), *module.buffers()], src)

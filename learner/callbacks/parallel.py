@@ -19,7 +19,7 @@ from torch.utils.data import DistributedSampler
 
 from learner.callbacks.order import ORDERS
 from learner.core import BaseLearner, Callback
-from learner.distributed import collective_device, rank, world_size
+from learner.distributed import broadcast_tensors, collective_device, rank, world_size
 from learner.fsdp import ShardPolicy, is_sharded, load_optimizer_state, shard_model
 from learner.sharding import shard_loader
 from learner.utils import model_device, unwrap_model
@@ -28,10 +28,6 @@ __all__ = ["DistributedCB"]
 
 
 _n_groups = 0  # process groups made by DistributedCB in this process (see _init_group)
-
-
-def _nccl() -> bool:
-    return dist.get_backend() == "nccl"
 
 
 class DistributedCB(Callback):
@@ -226,8 +222,7 @@ class DistributedCB(Callback):
     def before_validate(self, learn: BaseLearner) -> None:
         if self.module is None or world_size() == 1:
             return
-        for buf in self.module.buffers():
-            dist.broadcast(buf, src=0)
+        broadcast_tensors(self.module.buffers())
         if self.strategy == "fsdp":
             # Every forward gathers parameters with the other ranks: a rank with a batch fewer
             # (unpadded validation) runs one more after its last, so none waits forever.
