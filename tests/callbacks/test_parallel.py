@@ -263,18 +263,30 @@ def _torchrun(out: Path, case: str, timeout: float) -> subprocess.CompletedProce
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+def _launch(factory: pytest.TempPathFactory, case: str, prepare: Any = None) -> Path:
+    """Run CASE of the script on two processes into a new folder (after `prepare(folder)`), and
+    return the folder; skipped without torcheval or gloo."""
     pytest.importorskip("torcheval", reason="the two-process runs use a torcheval metric")
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("needs torch.distributed with gloo")
-    out = tmp_path_factory.mktemp("ddp")
-    proc = _torchrun(out, "train", timeout=240)
+    out = factory.mktemp(case)
+    if prepare is not None:
+        prepare(out)
+    proc = _torchrun(out, case, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    names = ("tensors", "dataloader", "nan", "signal")
+    return out
+
+
+def _per_rank(out: Path, *names: str) -> dict[str, list[dict[str, Any]]]:
+    """What each rank saved as `<name>_rank<r>.pt`, by name."""
     return {
         n: [torch.load(out / f"{n}_rank{r}.pt", weights_only=False) for r in (0, 1)] for n in names
     }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    return _per_rank(_launch(tmp_path_factory, "train"), "tensors", "dataloader", "nan", "signal")
 
 
 def _oracle(dls: Any, epochs: tuple[int, ...] = (ds.EPOCHS,), **kw: Any) -> Learner:
@@ -398,18 +410,9 @@ def test_a_failing_rank_does_not_hang_the_other(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    pytest.importorskip("torcheval", reason="the two-process runs use a torcheval metric")
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("needs torch.distributed with gloo")
-    out = tmp_path_factory.mktemp("fsdp")
-    proc = _torchrun(out, "fsdp", timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    load = lambda name: torch.load(out / name, weights_only=False)
-    return {
-        "out": out,
-        "ranks": [load(f"fsdp_rank{r}.pt") for r in (0, 1)],
-        "resumed": [load(f"fsdp_resumed_rank{r}.pt") for r in (0, 1)],
-    }
+    out = _launch(tmp_path_factory, "fsdp")
+    saved = _per_rank(out, "fsdp", "fsdp_resumed")
+    return {"out": out, "ranks": saved["fsdp"], "resumed": saved["fsdp_resumed"]}
 
 
 def _fsdp_oracle(tmp_path: Path, epochs: int = ds.EPOCHS) -> Learner:
@@ -541,27 +544,22 @@ def test_resuming_with_another_number_of_processes(
 
 @pytest.fixture(scope="module")
 def gaps_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    pytest.importorskip("torcheval", reason="the two-process runs use a torcheval metric")
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("needs torch.distributed with gloo")
-    out = tmp_path_factory.mktemp("gaps")
-    # One process' checkpoints, at the end of epoch 0 and after batch 2, for the two processes
-    # to resume.
     from learner import CheckpointCB
 
-    for cb in (
-        CheckpointCB(out / "single.pt"),
-        CheckpointCB(out / "single_mid.pt", every_n_batches=2, every_n_epochs=None),
-    ):
-        _sgd_oracle(ds.gaps_dls(2 * ds.BS), cb, epochs=1)  # fmt: skip
-    proc = _torchrun(out, "gaps", timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    def single_process_checkpoints(out: Path) -> None:
+        # One process' checkpoints, at the end of epoch 0 and after batch 2, for the two
+        # processes to resume.
+        for cb in (
+            CheckpointCB(out / "single.pt"),
+            CheckpointCB(out / "single_mid.pt", every_n_batches=2, every_n_epochs=None),
+        ):
+            _sgd_oracle(ds.gaps_dls(2 * ds.BS), cb, epochs=1)
+
+    out = _launch(tmp_path_factory, "gaps", single_process_checkpoints)
     names = ("accum_nosync", "accum_sync", "fsdp_accum", "fsdp_uneven", "lr_find", "best",
              "dropout", "dropout_resumed", "fsdp_lr_find", "fsdp_autocast", "fsdp_fp16",
              "fsdp_mp_policy", "inf", "from_single")  # fmt: skip
-    runs = {n: [torch.load(out / f"{n}_rank{r}.pt", weights_only=False) for r in (0, 1)]
-            for n in names}  # fmt: skip
-    return {"out": out, **runs}
+    return {"out": out, **_per_rank(out, *names)}
 
 
 def _sgd_oracle(dls: Any, *cbs: Any, epochs: int = ds.EPOCHS, net: Any = None) -> Learner:
