@@ -18,6 +18,7 @@ before (see `gaps()`).
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,20 @@ def metrics() -> dict[str, Any]:
     return {"accuracy": accuracy, "top1": MulticlassAccuracy()}
 
 
+def save_run(out: Path, name: str, learn: Any, **extra: Any) -> None:
+    """What the tests compare, as OUT/<name>_rank<r>.pt: the weights (of a sharded model
+    gathered whole, on rank 0), the history, the per-batch losses, and `extra`."""
+    from learner.distributed import rank
+    from learner.fsdp import full_model_state, is_sharded
+
+    if is_sharded(learn.model):
+        state = full_model_state(learn.model)  # not DTensors
+    else:
+        state = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
+    record = {"history": learn.recorder.history, "losses": learn.recorder.losses}
+    torch.save({"state": state, **record, **extra}, out / f"{name}_rank{rank()}.pt")
+
+
 def main(out: Path, case: str) -> None:
     import torch.distributed as dist
 
@@ -67,10 +82,7 @@ def main(out: Path, case: str) -> None:
         assert isinstance(learn.distributed, DistributedCB)  # added for torchrun by itself
         return learn
 
-    def save(name: str, learn: Learner, **extra: Any) -> None:
-        state = {k: v.clone() for k, v in learn.model.state_dict().items()}
-        record = {"history": learn.recorder.history, "losses": learn.recorder.losses}
-        torch.save({"state": state, **record, **extra}, out / f"{name}_rank{r}.pt")
+    save = functools.partial(save_run, out)
 
     if case == "raise":
 
@@ -316,7 +328,6 @@ def gaps(out: Path) -> None:
         SaveBestCB,
     )
     from learner.distributed import rank
-    from learner.fsdp import full_model_state, is_sharded
 
     r = rank()
     dist.init_process_group("gloo")
@@ -324,12 +335,7 @@ def gaps(out: Path) -> None:
     def dls(uneven: bool = False) -> Any:
         return gaps_dls(BS, uneven)
 
-    def save(name: str, learn: Any, **extra: Any) -> None:
-        state = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
-        if is_sharded(learn.model):
-            state = full_model_state(learn.model)  # not DTensors: gathered whole, on rank 0
-        record = {"history": learn.recorder.history, "losses": learn.recorder.losses}
-        torch.save({"state": state, **record, **extra}, out / f"{name}_rank{r}.pt")
+    save = functools.partial(save_run, out)
 
     def sgd_learner(data: Any, *cbs: Any, net: nn.Module | None = None) -> Any:
         return Learner(net or model(), data, F.cross_entropy, lr=LR, opt_func=torch.optim.SGD,
