@@ -1,5 +1,6 @@
 """learner: a small, callback-based training loop for PyTorch."""
 
+from learner.batches import BatchFormat
 from learner.callbacks import (
     ActivationStatsCB,
     BatchTransformCB,
@@ -43,9 +44,7 @@ from learner.callbacks import (
     valley,
 )
 from learner.core import (
-    EVENTS,
     BaseLearner,
-    Callback,
     CancelBatchException,
     CancelEpochException,
     CancelFitException,
@@ -54,11 +53,13 @@ from learner.core import (
     CancelValidateException,
 )
 from learner.data import DataLoaders, TensorLoader, collate_dict, inplace
+from learner.events import EVENTS, Callback
 from learner.hooks import Hook, Hooks, append_stats, find_modules, get_hist, get_min
 from learner.inference import CapturePredsCB
 from learner.interpret import Interpretation
 from learner.io import atomic_save
 from learner.learner import Learner
+from learner.optimizers import Optimizers
 from learner.rng import set_seed
 from learner.sharding import TensorLoaderShard
 from learner.utils import to_cpu, to_device
@@ -68,6 +69,7 @@ __all__ = [
     "EVENTS",
     "ActivationStatsCB",
     "BaseLearner",
+    "BatchFormat",
     "BatchTransformCB",
     "CSVLoggerCB",
     "Callback",
@@ -97,6 +99,7 @@ __all__ = [
     "MetricsCB",
     "MixedPrecisionCB",
     "Monitor",
+    "Optimizers",
     "ParamSchedulerCB",
     "ProgressCB",
     "RecorderCB",

@@ -7,14 +7,13 @@ import difflib
 import math
 import re
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 __all__ = [
     "add_note_once",
-    "check_batch",
     "check_dls",
     "check_events",
     "check_int",
@@ -60,6 +59,9 @@ def describe(obj: Any) -> str:
         return f"Tensor(shape={tuple(obj.shape)}, dtype={obj.dtype}, device={obj.device})"
     if isinstance(obj, (list, tuple)):
         return f"{type(obj).__name__}[{', '.join(describe(o) for o in obj)}]"
+    if isinstance(obj, Mapping):
+        items = ", ".join(f"{k}: {describe(v)}" for k, v in obj.items())
+        return f"{type(obj).__name__}{{{items}}}"
     return type(obj).__name__
 
 
@@ -147,24 +149,3 @@ def check_loaders(dls: Any, train: bool, valid: bool) -> None:
                 "object whose __iter__ makes a new generator each time."
             )
         check_not_empty(dl, f"dls.{name}")
-
-
-def check_batch(batch: Any, where: str, n: int = 2) -> None:
-    """A ValueError unless `batch` is what the default training steps take: a tuple or list
-    `(x, y, ...)` (the input, then the targets), of at least `n` items (1 when only `predict`
-    is the default one)."""
-    if isinstance(batch, (tuple, list)) and len(batch) >= n:
-        return
-    what = (
-        f"a {type(batch).__name__} with keys {list(batch)[:8]}"
-        if isinstance(batch, dict)
-        else describe(batch)
-    )
-    raise ValueError(
-        f"{where} yielded a batch that is {what}; a batch must be a tuple (x, y) of the "
-        "model's input and the targets (more items may follow). Make the loader yield "
-        "(x, y): e.g. a collate_fn returning (batch['image'], batch['label']), or "
-        "DataLoaders.from_dd for Hugging Face datasets; or, for batches of another shape, "
-        "override the training steps predict and get_loss (in a Learner subclass, or a "
-        "callback providing them)."
-    )

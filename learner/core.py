@@ -1,45 +1,35 @@
 """The training loop that fires events to callbacks: the bottom floor of the package.
 
-Read top to bottom: the cancel exceptions, the event list, `Callback`, then `BaseLearner`
-(`fit` -> epoch -> train/validate -> batch). Everything else is built on this module, which
-imports only leaf helpers: `learner.Learner` (learner/learner.py) adds the default callbacks,
-`metrics=`, resuming, saving, predictions and the training recipes.
+Read top to bottom: the cancel exceptions, then `BaseLearner` (`fit` -> epoch -> train/validate
+-> batch). The event list and `Callback` are `learner.events`'s, which also keeps a learner's
+list of callbacks; how a batch becomes the model's inputs and the loss's targets is
+`learner.batches`'s. Everything else is built on this module, which imports only leaf helpers:
+`learner.Learner` (learner/learner.py) adds the default callbacks, `metrics=`, resuming, saving,
+predictions and the training recipes.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-from learner.checks import (
-    add_note_once,
-    check_batch,
-    check_dls,
-    check_events,
-    check_int,
-    check_loaders,
-    check_lr,
-    describe,
-)
-from learner.utils import set_lr, snake
+from learner.batches import BatchFormat, Inputs, call_model
+from learner.checks import add_note_once, check_dls, check_int, check_loaders, check_lr, describe
+from learner.events import EVENTS, Callback, CallbackList, as_cbs
+from learner.optimizers import as_optimizer
+from learner.utils import set_lr
 
 __all__ = [
-    "EVENTS",
-    "STEPS",
     "BaseLearner",
-    "Callback",
     "CancelBatchException",
     "CancelEpochException",
     "CancelFitException",
     "CancelStepException",
     "CancelTrainException",
     "CancelValidateException",
-    "as_cbs",
 ]
 
 
@@ -75,16 +65,6 @@ class CancelStepException(Exception):
 _CANCELS = (CancelFitException, CancelEpochException, CancelTrainException,
             CancelValidateException, CancelBatchException, CancelStepException)  # fmt: skip
 
-# Every event a callback may implement, in the order they first fire. A callback method that looks
-# like an event but is not in this tuple is a typo, and rejected when the callback is added.
-EVENTS = (
-    "before_fit", "before_epoch", "before_train", "before_batch", "after_predict", "after_loss",
-    "before_backward", "after_backward", "before_step", "after_step", "after_batch",
-    "cleanup_batch", "after_train", "cleanup_train", "before_validate", "after_validate",
-    "cleanup_validate", "after_epoch", "cleanup_epoch", "after_fit", "cleanup_fit",
-)  # fmt: skip
-
-
 # The three events of each level, named once rather than formatted on every batch.
 _LEVELS = {
     level: (f"before_{level}", f"after_{level}", f"cleanup_{level}")
@@ -92,106 +72,28 @@ _LEVELS = {
 }
 _CLEANUPS = frozenset(e for e in EVENTS if e.startswith("cleanup_"))
 
-# The training steps of a batch: methods of the Learner that a subclass may override, or that a
-# callback may provide (`def predict(self, learn): ...`, the course's TrainCB).
-STEPS = ("predict", "get_loss", "backward", "step", "zero_grad")
-
-
-class Callback:
-    """Base class for callbacks: implement any of `EVENTS` as `def event(self, learn): ...`.
-
-    Callbacks run sorted by `order` (lower first; ties keep insertion order; the standard
-    callbacks' orders and the constraints between them are in `learner.callbacks.order`). A
-    callback is reachable as `learn.<name>`, its class name in snake case without the `CB` suffix.
-
-    A callback may also provide a training step (`STEPS`): `def predict(self, learn): ...` runs
-    instead of the learner's own `predict` while the callback is added (as the course's
-    `TrainCB`). Two callbacks providing the same step are an error.
-
-    A callback with state that a resumed run needs (counters, accumulators, positions) returns it
-    from `state_dict()` as plain values and tensors, and takes it back in `load_state_dict()`; a
-    checkpoint holds every non-empty one, by `name`. On `fit(resume_from=...)` each callback's
-    `before_fit` runs as in a fresh fit, then the states are loaded (`learner.callbacks.resume`).
-
-    Examples:
-        >>> class PrintLossCB(Callback):
-        ...     order = 10
-        ...     def after_batch(self, learn):
-        ...         if learn.iter % 100 == 0:
-        ...             print(learn.loss.item())
-    """
-
-    order: int = 0
-    unique: ClassVar[bool] = True
-    """Whether adding a callback of this class replaces one already added (so a `DeviceCB` of
-    yours replaces the default one). False for callbacks that stack, such as `BatchTransformCB`."""
-    in_side_runs: ClassVar[bool] = True
-    """Whether runs that are not part of training (`lr_find`'s sweep, `capture_preds`) use a copy
-    of this callback. False for callbacks that record, log, write files, schedule or watch
-    validation results: a side run leaves them, and what they hold, alone."""
-
-    @property
-    def name(self) -> str:
-        """Attribute name on the Learner: `RecorderCB` -> `recorder`."""
-        cls = type(self).__name__
-        return snake(cls[:-2] if cls.endswith("CB") and len(cls) > 2 else cls)
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of this callback: plain values and tensors. None by default."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take back what `state_dict()` returned (called by a resumed fit after `before_fit`)."""
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(order={self.order})"
-
-
-def as_cbs(cbs: Callback | Iterable[Callback] | None) -> list[Callback]:
-    """`cbs=` as a list: None, one callback, or an iterable of them, each checked."""
-    if cbs is None:
-        return []
-    cbs = [cbs] if isinstance(cbs, Callback) else list(cbs)
-    for cb in cbs:
-        if not isinstance(cb, Callback):
-            raise TypeError(f"callbacks must be Callback instances, got {type(cb).__name__}.")
-        check_events(cb, EVENTS)
-    return cbs
-
 
 def _one_line(e: BaseException) -> str:
     notes = "; ".join(getattr(e, "__notes__", ()))
     return f"{type(e).__name__}: {e}" + (f" ({notes})" if notes else "")
 
 
-def _same_kind(old: Callback, new: Callback) -> bool:
-    """Whether adding `new` replaces `old`: both unique, `new` of `old`'s class or a subclass."""
-    return new.unique and old.unique and isinstance(new, type(old))
-
-
-class _StaleHandlers(dict[str, list[tuple[Callback, Callable[[Any], None]]]]):
-    """The dispatch table after a change of callbacks: its first lookup builds the real one (a
-    plain dict), so the hot path (`learn._handlers[event]`) never checks whether it is stale."""
-
-    def __init__(self, learn: BaseLearner) -> None:
-        super().__init__()
-        self.learn = learn
-
-    def __missing__(self, event: str) -> list[tuple[Callback, Callable[[Any], None]]]:
-        return self.learn._build_handlers()[event]
-
-
-class BaseLearner:
+class BaseLearner(CallbackList):
     """The training loop: a model, data loaders, a loss function and an optimizer, trained by
     `fit`, which fires `EVENTS` to callbacks. `learner.Learner` builds on it (default callbacks,
     `metrics=`, resuming, saving, predictions): use that one.
 
     The loop's state, which callbacks read and may change:
 
-    - `model`, `dls`, `loss_func`, `opt` (created by the first training `fit`), `lr`, `cbs`.
+    - `model`, `dls`, `loss_func`, `opt` (created by the first training `fit`), `lr`, `cbs`,
+      `batch_format`.
     - `epoch`, `n_epochs`, `iter` (batch index in the phase), `training`, `dl` (the loader of the
       running phase: a callback may replace it at `before_train`/`before_validate`).
-    - `batch`, `preds`, `loss` (the true loss), `loss_grad` (what `backward` differentiates).
+    - `batch` (as the loader yielded it, then as `before_batch` callbacks left it), `xb` and `yb`
+      (its inputs and targets, split by `batch_format` after `before_batch`), `output` (what
+      the model returned), `preds` (its predictions: `output`, or its `.logits`), `loss` (the
+      true loss), `loss_grad` (what `backward` differentiates).
+    - `logged`: the values the running batch's steps logged with `log(name=value)`.
     - `run_train`, `run_valid`: whether this fit runs the phases.
     - `grad_sync`: whether the backward of this training batch synchronises the gradients
       across processes (True); a callback that steps only every few batches (`GradAccumCB`)
@@ -203,156 +105,69 @@ class BaseLearner:
 
     Args:
         model: the `nn.Module` to train.
-        dls: an object with `.train` (and optionally `.valid`) iterables of `(x, y)` batches.
-        loss_func: `loss_func(preds, targets)` returning the mean loss of a batch.
+        dls: an object with `.train` (and optionally `.valid`) iterables of batches: `(x, y)`
+            tuples, dicts, or any structure `batch_format` splits (`learner.batches`).
+        loss_func: `loss_func(preds, *targets)` returning the mean loss of a batch; None to
+            train on the model's own loss (the `.loss` of its output, as Hugging Face models
+            return it).
         lr: learning rate for the optimizer created on the first `fit`; None if it comes later
             (`fit(lr=...)`, `lr_find()`, `fit_one_cycle(lr_max=...)`).
         cbs: callbacks to add (one, or an iterable); one of a class already added replaces it.
         opt_func: optimizer factory, called as `opt_func(model.parameters(), lr=lr)`: a
-            torch optimizer, or any object with `step()` and `zero_grad()`.
+            torch optimizer, any object with `step()` and `zero_grad()`, or a dict of named
+            optimizers (`learner.optimizers.Optimizers`).
+        batch_format: how a batch becomes the model's inputs and the loss's targets, and the
+            model's output its predictions. Default None: `BatchFormat()`.
     """
 
     def __init__(
         self,
         model: nn.Module,
         dls: Any,
-        loss_func: Callable[..., torch.Tensor],
+        loss_func: Callable[..., torch.Tensor] | None,
         lr: float | None = 1e-3,
         cbs: Callback | Iterable[Callback] | None = None,
         opt_func: Callable[..., Any] = torch.optim.AdamW,
+        batch_format: BatchFormat | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         check_dls(dls)
         if lr is not None:
             check_lr(lr)
-        if not callable(loss_func):
-            raise TypeError(f"loss_func must be callable, got {type(loss_func).__name__}.")
+        if loss_func is not None and not callable(loss_func):
+            raise TypeError(f"loss_func must be callable or None, got {type(loss_func).__name__}.")
+        if batch_format is not None and not isinstance(batch_format, BatchFormat):
+            raise TypeError(
+                f"batch_format must be a BatchFormat, got {type(batch_format).__name__}: for a "
+                "function splitting the batch, pass BatchFormat(split=f)."
+            )
         self.model, self.dls, self.loss_func, self.opt_func = model, dls, loss_func, opt_func
         self.lr = lr
+        self.batch_format = batch_format or BatchFormat()
         # A torch optimizer, or any object with step() and zero_grad() (the course's SGD class).
         self.opt: Any = None
-        self.cbs: list[Callback] = []
-        self._handlers: dict[str, list[tuple[Callback, Callable[[BaseLearner], None]]]]
         self.epoch, self.n_epochs, self.iter, self.training = 0, 0, 0, False
         self.start_epoch, self.start_iter, self.resuming = 0, 0, False
         self.dl: Any = None
         self.batch: Any = None
+        self.xb: Inputs = ()
+        self.yb: tuple[Any, ...] = ()
+        self.output: Any = None
         self.preds: Any = None
         # Typed as a tensor so callbacks can call `learn.loss.item()`; set by get_loss.
         self.loss: torch.Tensor = torch.full((), torch.nan)
         # `loss` unless a callback replaces it at before_backward (scaled for fp16, divided for
         # accumulation) while `loss` stays the true loss.
         self.loss_grad: torch.Tensor = self.loss
+        self.logged: dict[str, Any] = {}
         self.run_train, self.run_valid = True, True
         self.grad_sync = True
-        self._providers: dict[str, Callback] = {}
-        self._set_cbs([])
-        self.add_cbs(cbs or [])
-
-    # -- callbacks -------------------------------------------------------------------------------
-
-    def add_cb(self, cb: Callback) -> Callback | None:
-        """Add `cb`; it replaces a callback of its own class (unless `cb.unique` is False). Returns
-        the callback it replaced."""
-        return self.add_cbs([cb])[0]
-
-    def add_cbs(self, cbs: Callback | Iterable[Callback]) -> list[Callback | None]:
-        """Add several callbacks at once (one change, however many): each replaces a callback of
-        its own class, as `add_cb` does. Returns the callbacks replaced, None where none was."""
-        new_cbs = as_cbs(cbs)
-        for i, cb in enumerate(new_cbs):
-            twin = next((c for c in new_cbs[:i] if _same_kind(c, cb)), None)
-            if twin is not None:
-                raise ValueError(
-                    f"The callbacks given hold two of one kind, {type(twin).__name__} and "
-                    f"{type(cb).__name__}: the second would replace the first. Pass one (a "
-                    "callback class that may be added several times sets unique = False)."
-                )
-        current, replaced = list(self.cbs), []
-        for cb in new_cbs:
-            same = [c for c in current if _same_kind(c, cb)]
-            old = same[0] if same else None
-            current = [*current, cb] if old is None else [cb if c is old else c for c in current]
-            replaced.append(old)
-        appended = all(old is None for old in replaced)
-        self._set_cbs(current, added=new_cbs if appended else None)
-        return replaced
-
-    def remove_cb(self, cb: Callback) -> None:
-        """Remove `cb` (an instance in `learn.cbs`)."""
-        if cb not in self.cbs:
-            raise ValueError(f"remove_cb: {cb!r} is not in learn.cbs.")
-        self._set_cbs([c for c in self.cbs if c is not cb])
-
-    @contextmanager
-    def removed_cbs(self, cbs: Callback | Iterable[Callback]) -> Iterator[None]:
-        """Within the `with` block, the learner runs without `cbs`; afterwards `learn.cbs` is the
-        same list as before, in the same order.
-
-        Examples:
-            >>> with learn.removed_cbs(learn.progress):
-            ...     learn.fit(1)  # no progress bars
-        """
-        saved, removed = list(self.cbs), as_cbs(cbs)
-        missing = [cb for cb in removed if cb not in saved]
-        if missing:
-            raise ValueError(f"removed_cbs: {missing} not in learn.cbs.")
-        self._set_cbs([cb for cb in saved if cb not in removed])
-        try:
-            yield
-        finally:
-            self._set_cbs(saved)
-
-    def _set_cbs(self, cbs: list[Callback], added: list[Callback] | None = None) -> None:
-        # Checked before anything is assigned. The step providers are resolved now (from the
-        # added callbacks alone when they were only appended); the dispatch table when it is
-        # first used, so a change set of any size costs one build.
-        providers = {} if added is None else dict(self._providers)
-        for cb in cbs if added is None else added:
-            for step in STEPS:
-                if callable(getattr(cb, step, None)):
-                    if step in providers:
-                        names = f"{type(providers[step]).__name__} and {type(cb).__name__}"
-                        raise ValueError(
-                            f"{names} both provide the training step {step!r}; only one "
-                            "callback may. Remove one, or combine them into one callback."
-                        )
-                    providers[step] = cb
-        self.cbs[:] = cbs
-        self._providers = providers
-        self._handlers = _StaleHandlers(self)
-        # A provided step shadows the learner's method on the instance, so that every caller
-        # (the loop, infer, a callback calling learn.zero_grad()) runs the provided one.
-        for step in STEPS:
-            if step in providers:
-                setattr(self, step, functools.partial(getattr(providers[step], step), self))
-            else:
-                vars(self).pop(step, None)
-
-    def _build_handlers(self) -> dict[str, list[tuple[Callback, Callable[[BaseLearner], None]]]]:
-        ordered = sorted(self.cbs, key=lambda c: c.order)  # stable: ties keep insertion order
-        self._handlers = {
-            e: [(c, getattr(c, e)) for c in ordered if callable(getattr(c, e, None))]
-            for e in EVENTS
-        }
-        return self._handlers
-
-    def callbacks_at(self, event: str) -> list[Callback]:
-        """The callbacks that run at `event`, in the order they run."""
-        return [cb for cb, _ in self._handlers[event]]
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached when normal lookup fails: find a callback by name (`learn.recorder`).
-        if not name.startswith("_"):
-            for cb in self.__dict__.get("cbs", ()):
-                if cb.name == name:
-                    return cb
-        raise AttributeError(f"{type(self).__name__!r} has no attribute or callback {name!r}")
+        self.init_cbs(cbs)
 
     def callback(self, event: str) -> None:
         """Run every callback implementing `event`, in order."""
-        handlers = self._handlers[event]
+        handlers = self.handlers[event]
         if not handlers:  # most events of a batch have none: return before any other work
             return
         errors: list[BaseException] = []
@@ -412,7 +227,7 @@ class BaseLearner:
         try:
             self.add_cbs(cbs)
             if train and self.opt is None:
-                self.opt = self.opt_func(self.model.parameters(), lr=lr or self.lr)
+                self.opt = as_optimizer(self.opt_func(self.model.parameters(), lr=lr or self.lr))
             if lr is not None:
                 self.lr = lr
                 if self.opt is not None:
@@ -420,7 +235,7 @@ class BaseLearner:
             self.n_epochs, self.run_train, self.run_valid = n_epochs, train, valid
             self._with("fit", self._do_epochs, CancelFitException)
         finally:
-            self._set_cbs(saved)
+            self.set_cbs(saved)
 
     def _with(self, level: str, body: Callable[[], None], cancel: type[Exception]) -> None:
         # The one place that defines event semantics: before_, body, after_; a cancel of this
@@ -469,12 +284,10 @@ class BaseLearner:
         # resumes hands the loop a loader that yields the rest of the epoch (see ResumeCB).
         start = self.start_iter if self.training else 0
         self.iter = start - 1
-        # The first batch of a phase is checked when the default steps will index it.
-        n = 2 if self._default_step("get_loss") else 1
-        unchecked = self._default_step("predict")
+        unchecked = True  # the first batch of a phase is checked: a clear error for a bad one
         for i, batch in enumerate(self.dl, start):
             if unchecked:
-                check_batch(batch, "dls.train" if self.training else "dls.valid", n)
+                self.batch_format.check(batch, "dls.train" if self.training else "dls.valid")
                 unchecked = False
             self.iter, self.batch = i, batch
             self._with("batch", self._do_batch, CancelBatchException)
@@ -483,24 +296,25 @@ class BaseLearner:
                 "dls.train yielded no batches: check its dataset size, batch size and drop_last."
             )
 
-    def _default_step(self, step: str) -> bool:
-        # Neither a subclass's method nor a callback's (which shadows it on the instance).
-        return getattr(type(self), step) is getattr(BaseLearner, step) and step not in vars(self)
-
     def _do_batch(self) -> None:
+        if self.logged:  # what the previous batch logged
+            self.logged = {}
+        self.split_batch()
         try:
             self.predict()
         except Exception as e:
-            e.add_note(f"The model failed on input {describe(self.batch[0])}.")
+            inputs = self.batch_format.describe_inputs(self.batch, self.xb)
+            e.add_note(f"The model failed on inputs {inputs}.")
             raise
         self.callback("after_predict")
         try:
             self.get_loss()
         except Exception as e:
-            e.add_note(
-                f"loss_func failed on preds {describe(self.preds)} and targets "
-                f"{describe(self.batch[1:])}."
-            )
+            if self.loss_func is not None:
+                targets = self.batch_format.describe_targets(self.batch, self.yb)
+                e.add_note(
+                    f"loss_func failed on preds {describe(self.preds)} and targets {targets}."
+                )
             raise
         self.loss_grad = self.loss
         self.callback("after_loss")
@@ -527,26 +341,52 @@ class BaseLearner:
         # callbacks may keep (metrics, recorder) without holding the graph alive.
         self.loss = self.loss.detach()
 
+    def split_batch(self) -> None:
+        """`self.xb, self.yb`: the inputs and targets of `self.batch`, by `self.batch_format`.
+
+        The loop calls it after `before_batch`; code that runs `predict` outside the loop
+        (`get_preds`, `infer`) calls it after setting `batch`. The model computing its own loss
+        (`loss_func=None`) gets the targets in `xb` too.
+        """
+        self.xb, self.yb = self.batch_format.split(self.batch, self.loss_func is None)
+
+    def log(self, **values: torch.Tensor | float) -> None:
+        """Record values of this batch besides its loss, one number each (a GAN's `g_loss` and
+        `d_loss`): `MetricsCB` averages each over the phase, weighted by batch size, into the
+        results table (`train_g_loss`, `valid_g_loss`); `RecorderCB` keeps each training
+        batch's. They are in `logged` until the next batch starts.
+
+        Examples:
+            >>> learn.log(g_loss=g_loss, d_loss=d_loss)  # in a training step
+        """
+        self.logged.update(values)
+
     # -- training steps: override in a subclass to change how a batch is processed --------------
 
     def predict(self) -> None:
-        """Forward pass: `self.preds = self.model(self.batch[0])`.
+        """Forward pass: `self.output = self.model(*self.xb)` (`**self.xb` for keyword inputs),
+        and `self.preds = self.batch_format.preds(self.output)` (the output, or its `.logits`).
 
         Only the training step: inference is `learn.infer(x)`, which runs this step in eval and
         inference mode, so overriding it changes inference too and cannot break it.
         """
-        self.preds = self.model(self.batch[0])
+        self.output = call_model(self.model, self.xb)
+        self.preds = self.batch_format.preds(self.output)
 
     def get_loss(self) -> None:
-        """`self.loss = self.loss_func(self.preds, self.batch[1])`."""
-        self.loss = self.loss_func(self.preds, self.batch[1])
+        """`self.loss = self.loss_func(self.preds, *self.yb)`; with `loss_func=None`, the model's
+        own: `self.batch_format.loss(self.output)` (its `.loss`)."""
+        if self.loss_func is None:
+            self.loss = self.batch_format.loss(self.output)
+        else:
+            self.loss = self.loss_func(self.preds, *self.yb)
 
     def backward(self) -> None:
         """`self.loss_grad.backward()` (`loss_grad` is `loss` unless a callback replaced it)."""
         self.loss_grad.backward()
 
     def step(self) -> None:
-        """`self.opt.step()`."""
+        """`self.opt.step()` (every optimizer's, for several: `learner.optimizers`)."""
         assert self.opt is not None
         self.opt.step()
 

@@ -9,17 +9,20 @@ mode under `torch.inference_mode()`: overriding the step changes inference and c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from learner.batches import first_tensor, item_count
 from learner.callbacks.batch_transform import BatchTransformCB
 from learner.callbacks.order import ORDERS
-from learner.core import BaseLearner, Callback, as_cbs
+from learner.checks import describe
+from learner.core import BaseLearner
+from learner.events import Callback, as_cbs
 from learner.snapshot import kept_state, side_run
-from learner.utils import model_device, to_cpu, to_device
+from learner.utils import map_tensors, model_device, to_cpu, to_device
 
 __all__ = ["CapturePredsCB", "capture_preds", "get_preds", "infer", "valid_transforms"]
 
@@ -34,29 +37,73 @@ def _inference(learn: BaseLearner) -> Iterator[None]:
 
 
 def _cat(parts: list[Any]) -> Any:
+    """Per-batch predictions (or targets) as one: tensors concatenated along the batch, tuples,
+    lists and dicts per field (a field that is None in every batch stays None)."""
     first = parts[0]
     if isinstance(first, torch.Tensor):
-        return torch.cat(parts)
+        return torch.cat([p.reshape(1) if p.ndim == 0 else p for p in parts])
+    if first is None and all(p is None for p in parts):
+        return None
     if isinstance(first, (list, tuple)):
-        return type(first)(_cat(list(p)) for p in zip(*parts))
-    if isinstance(first, dict):
+        fields = [_cat(list(p)) for p in zip(*parts)]
+        return type(first)(*fields) if hasattr(first, "_fields") else type(first)(fields)
+    if isinstance(first, Mapping):
         return {k: _cat([p[k] for p in parts]) for k in first}
-    raise TypeError(f"get_preds concatenates tensors, got predictions of type {type(first)}.")
+    raise TypeError(
+        f"get_preds concatenates tensors (also in tuples and dicts), got {type(first).__name__}: "
+        "pass Learner(batch_format=BatchFormat(preds=f)) with f(output) the tensor to keep."
+    )
+
+
+def _targets(yb: tuple[Any, ...]) -> Any:
+    """A batch's targets as `get_preds` returns them: the one target, or a tuple of several."""
+    return yb[0] if len(yb) == 1 else yb
 
 
 def _per_item_loss(loss_func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     if isinstance(getattr(loss_func, "reduction", None), str):  # an nn loss module
 
-        def module_loss(preds: Any, targets: Any) -> torch.Tensor:
+        def module_loss(preds: Any, *targets: Any) -> torch.Tensor:
             old = loss_func.reduction  # type: ignore[attr-defined]
             loss_func.reduction = "none"  # type: ignore[attr-defined]
             try:
-                return loss_func(preds, targets)
+                return loss_func(preds, *targets)
             finally:
                 loss_func.reduction = old  # type: ignore[attr-defined]
 
         return module_loss
-    return lambda preds, targets: loss_func(preds, targets, reduction="none")
+    return lambda preds, *targets: loss_func(preds, *targets, reduction="none")
+
+
+def _model_item_losses(learn: BaseLearner) -> torch.Tensor:
+    """The model's own loss of each item of the batch in `learn.xb`: each item alone through
+    `predict` and `get_loss` (a model's `.loss` is a batch mean). Tensors whose first dimension
+    is the batch's are cut; others are passed whole."""
+    xb, n = learn.xb, item_count(learn.xb)
+    losses = []
+    for i in range(n):
+
+        def item(t: torch.Tensor, i: int = i) -> torch.Tensor:
+            return t[i : i + 1] if t.ndim and t.shape[0] == n else t
+
+        learn.xb = map_tensors(xb, item)
+        learn.predict()
+        learn.get_loss()
+        losses.append(learn.loss.detach().float().reshape(()).cpu())
+    learn.xb = xb
+    return torch.stack(losses) if losses else torch.empty(0)
+
+
+def _predict_batch(
+    learn: BaseLearner, batch: Any, device: torch.device, transforms: list[Callable[[Any], Any]]
+) -> None:
+    """`batch` as the loop would run it in validation, without events: moved to `device`,
+    through the validation batch transforms, split, predicted."""
+    learn.batch = to_device(batch, device)
+    for tfm in transforms:
+        learn.batch = tfm(learn.batch)
+    learn.split_batch()
+    learn.predict()
 
 
 def valid_transforms(learn: BaseLearner) -> list[Callable[[Any], Any]]:
@@ -73,22 +120,26 @@ def valid_transforms(learn: BaseLearner) -> list[Callable[[Any], Any]]:
 def get_preds(
     learn: BaseLearner, dl: Any = None, with_targets: bool = True, with_loss: bool = False
 ) -> Any:
-    """Predictions of the model over a loader, as one tensor on the CPU.
+    """Predictions of the model over a loader, on the CPU: one tensor, or for a model with
+    several outputs (a tuple, a dict) the same structure, each field concatenated.
 
     The model runs in eval mode under `torch.inference_mode()`, batch by batch through the
     learner's `predict` step (so a subclass's forward pass is used), each batch moved to the
     model's device and through the learner's validation batch transforms (`BatchTransformCB`s
-    with `on_val`, so a normalisation done there applies here too). No other callback runs, no
-    event fires, and the recorder is untouched;
-    afterwards every submodule's training flag, and `learn.batch`, `preds` and `loss`, are as
-    before.
+    with `on_val`, so a normalisation done there applies here too), then split by the learner's
+    `batch_format`. What is kept of each batch is `learn.preds` (for a Hugging Face model, its
+    logits). No other callback runs, no event fires, and the recorder is untouched; afterwards
+    every submodule's training flag, and `learn.batch`, `preds` and `loss`, are as before.
 
     Args:
         learn: the Learner.
-        dl: an iterable of `(x, y)` batches. Default None: `learn.dls.valid`.
-        with_targets: also return the targets (`batch[1]`), concatenated.
-        with_loss: also return the loss of each item, from `loss_func` with
-            `reduction="none"` (torch's functional losses and loss modules support it).
+        dl: an iterable of batches. Default None: `learn.dls.valid`.
+        with_targets: also return the targets (`learn.yb`: the one target, or a tuple of
+            several), concatenated.
+        with_loss: also return the loss of each item: from `loss_func` with
+            `reduction="none"` (torch's functional losses and loss modules support it), or with
+            `loss_func=None` the model's own loss of each item run alone (one forward pass per
+            item: slower).
 
     Returns:
         `preds`, or a tuple `(preds, targets)`, `(preds, losses)` or `(preds, targets, losses)`.
@@ -102,26 +153,28 @@ def get_preds(
         if dl is None:
             raise ValueError("get_preds: dls has no validation loader; pass one: get_preds(dl).")
     device = model_device(learn.model)
-    loss_func = _per_item_loss(learn.loss_func) if with_loss else None
+    loss_func = None
+    if with_loss and learn.loss_func is not None:
+        loss_func = _per_item_loss(learn.loss_func)
     preds, targets, losses = [], [], []
     transforms = valid_transforms(learn)
     with _inference(learn):
         for batch in dl:
-            learn.batch = to_device(batch, device)
-            for tfm in transforms:
-                learn.batch = tfm(learn.batch)
-            learn.predict()
+            _predict_batch(learn, batch, device, transforms)
             preds.append(to_device(learn.preds, "cpu"))
-            if with_targets or with_loss:
-                if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-                    raise ValueError(
-                        "get_preds: the batches have no targets (batch[1]); pass "
-                        "with_targets=False, with_loss=False."
-                    )
-                targets.append(to_device(learn.batch[1], "cpu"))
-            if loss_func is not None:
+            if (with_targets or with_loss) and not learn.yb:
+                raise ValueError(
+                    "get_preds: the batches have no targets ("
+                    + learn.batch_format.describe_targets(learn.batch, learn.yb)
+                    + "); pass with_targets=False, with_loss=False."
+                )
+            if with_targets:
+                targets.append(to_device(_targets(learn.yb), "cpu"))
+            if with_loss and loss_func is None:
+                losses.append(_model_item_losses(learn))
+            elif loss_func is not None:
                 try:
-                    loss = loss_func(learn.preds, learn.batch[1])
+                    loss = loss_func(learn.preds, *learn.yb)
                 except TypeError as e:
                     raise TypeError(
                         "get_preds(with_loss=True) needs the loss of each item: loss_func must "
@@ -139,55 +192,78 @@ def get_preds(
     return out[0] if len(out) == 1 else tuple(out)
 
 
-def _input_ndim(learn: BaseLearner) -> int:
-    """The number of dimensions of a batch's input: from the last batch seen, or one drawn
-    from the training loader with every random state put back."""
+def _reference_inputs(learn: BaseLearner) -> Any:
+    """The inputs of a training batch, to tell an item from a batch: of the last batch seen, or
+    of one drawn from the training loader with every random state put back."""
     if learn.batch is not None:
-        return int(learn.batch[0].ndim)
-    with kept_state(learn, rng=True):
-        return int(next(iter(learn.dls.train))[0].ndim)
+        batch = learn.batch
+    else:
+        with kept_state(learn, rng=True):
+            batch = next(iter(learn.dls.train))
+    return learn.batch_format.split(batch)[0]
 
 
-def infer(learn: BaseLearner, x: torch.Tensor) -> Any:
+def _as_batch(x: Any, ref: Any) -> tuple[Any, bool]:
+    """`x` (one item or one batch of inputs) as a batch the loaders could have yielded, and
+    whether it was one item; `ref` is a training batch's inputs."""
+    ref_t, x_t = first_tensor(ref), first_tensor(x)
+    if x_t is None:
+        raise TypeError(
+            f"infer(x) takes a tensor, a tuple of tensors or a dict of them, got {describe(x)}."
+        )
+    if ref_t is None:
+        raise ValueError("infer(x): a training batch's inputs hold no tensor to compare x with.")
+    ndim = ref_t.ndim
+    if x_t.ndim not in (ndim, ndim - 1):
+        raise ValueError(
+            f"infer(x): x has shape {tuple(x_t.shape)}, but a training batch's input has "
+            f"{ndim} dimensions: pass one item ({ndim - 1} dims) or a batch ({ndim} dims)."
+        )
+    single = x_t.ndim == ndim - 1
+    if single:
+        x = map_tensors(x, lambda t: t.unsqueeze(0))
+    if isinstance(x, torch.Tensor):
+        # As a batch of the loaders would be, (x, y) with y None: validation transforms take it.
+        return (x, None), single
+    if isinstance(x, tuple):
+        return (*x, None), single
+    return x, single
+
+
+def infer(learn: BaseLearner, x: Any) -> Any:
     """The model's predictions for one batch `x`, or for one item (returned without a batch
     dimension), in eval mode under `torch.inference_mode()`, on the learner's device.
 
-    `x` is one item when it has one dimension fewer than a training batch's input (the last
-    batch the learner saw, or else one drawn from `dls.train` without changing any random
-    state), moved to the model's device and through the learner's validation batch transforms
-    (as `get_preds`). Every submodule's training flag, and `learn.batch`, `preds` and `loss`, are
-    restored; no event fires. The predictions stay on the model's device: `.cpu()` them if
-    needed. Call it as `learn.infer(x)`. (fastai calls this `learn.predict(item)`; here
-    `predict` is the training step, as in the course's miniai.)
+    `x` is the model's inputs: a tensor, a tuple of the `n_inp` inputs, or a dict of named
+    inputs (a tokenizer's output, without labels). It is one item when its first tensor has one
+    dimension fewer than a training batch's (the last batch the learner saw, or else one drawn
+    from `dls.train` without changing any random state); it is moved to the model's device,
+    through the learner's validation batch transforms (as `get_preds`), and split by
+    `batch_format`. What is returned is `learn.preds` (a Hugging Face model's logits), for one
+    item each field of it without the batch dimension. Every submodule's training flag, and
+    `learn.batch`, `preds` and `loss`, are restored; no event fires. The predictions stay on the
+    model's device: `.cpu()` them if needed. Call it as `learn.infer(x)`. (fastai calls this
+    `learn.predict(item)`; here `predict` is the training step, as in the course's miniai.)
 
     Examples:
         >>> learn.infer(x_valid[0]).argmax()  # one item
         >>> learn.infer(x_valid[:8]).shape    # one batch
+        >>> learn.infer(tokenizer("a fine film", return_tensors="pt"))  # a dict batch
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"infer(x) takes a tensor, got {type(x).__name__}.")
-    ndim = _input_ndim(learn)
-    if x.ndim not in (ndim, ndim - 1):
-        raise ValueError(
-            f"infer(x): x has shape {tuple(x.shape)}, but a training batch's input has "
-            f"{ndim} dimensions: pass one item ({ndim - 1} dims) or a batch ({ndim} dims)."
-        )
-    single = x.ndim == ndim - 1
+    if isinstance(x, Mapping) and not isinstance(x, dict):
+        x = dict(x)  # a tokenizer's BatchEncoding
+    batch, single = _as_batch(x, _reference_inputs(learn))
     with _inference(learn):
-        # As a batch of the loaders would be: moved, then through the validation transforms
-        # (which take an (x, y) batch: y is None here).
-        learn.batch = (to_device(x.unsqueeze(0) if single else x, model_device(learn.model)), None)
-        for tfm in valid_transforms(learn):
-            learn.batch = tfm(learn.batch)
-        learn.predict()
+        _predict_batch(learn, batch, model_device(learn.model), valid_transforms(learn))
         preds = learn.preds
-    return preds[0] if single else preds
+    return map_tensors(preds, lambda t: t[0]) if single else preds
 
 
 class CapturePredsCB(Callback):
     """Keeps the predictions and targets of every batch, on the CPU (the course's CapturePreds).
 
-    After the fit, `all_preds` and `all_targs` are the concatenated tensors. Used by
+    After the fit, `all_preds` and `all_targs` are the concatenated tensors (per field for
+    several outputs or targets; `all_targs` is None for batches without targets). Used by
     `capture_preds`; usable in any fit.
 
     Events: `before_fit`, `after_batch`, `after_fit`. Order: 80 (after the callbacks that change
@@ -211,7 +287,7 @@ class CapturePredsCB(Callback):
 
     def after_batch(self, learn: BaseLearner) -> None:
         self.all_preds.append(to_cpu(learn.preds))
-        self.all_targs.append(to_cpu(learn.batch[1]))
+        self.all_targs.append(to_cpu(_targets(learn.yb)) if learn.yb else None)
 
     def after_fit(self, learn: BaseLearner) -> None:
         if self.all_preds:

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from learner.core import EVENTS, BaseLearner, Callback
+from learner.core import BaseLearner
+from learner.events import EVENTS, Callback
 from learner.hooks import Hook, Hooks
 from learner.snapshot import kept_state
 from learner.utils import model_device, to_device
@@ -68,6 +69,7 @@ def summary(learn: BaseLearner) -> Report:
     with kept_state(learn, rng=True):
         batch = _one_batch(learn.dls.train)
         learn.batch = to_device(batch, model_device(model))
+        learn.split_batch()
         model.eval()
         with torch.no_grad(), Hooks([m for _, m in layers], _keep_first_shape) as hooks:
             learn.predict()
@@ -78,7 +80,9 @@ def summary(learn: BaseLearner) -> Report:
         params = list(m.parameters())
         table.append((name, type(m).__name__, shape, f"{_count(params):,}", _trainable(params)))
     widths = [max(len(row[i]) for row in table) for i in range(5)]
-    lines = [f"{type(model).__name__}, one batch of input {_shape(_first(batch))}", ""]
+    inputs = learn.batch_format.split(batch)[0]
+    shown = inputs[0] if isinstance(inputs, tuple) and len(inputs) == 1 else inputs
+    lines = [f"{type(model).__name__}, one batch of input {_shape(shown)}", ""]
     for row in table:
         cells = [c.rjust(w) if i == 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
         lines.append("  ".join(cells).rstrip())
@@ -125,10 +129,6 @@ def _shape(obj: Any) -> str:
     if isinstance(obj, dict):
         return "{" + ", ".join(f"{k}: {_shape(v)}" for k, v in obj.items()) + "}"
     return type(obj).__name__
-
-
-def _first(batch: Any) -> Any:
-    return batch[0] if isinstance(batch, (tuple, list)) and batch else batch
 
 
 def _count(params: Sequence[torch.Tensor]) -> int:

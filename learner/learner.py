@@ -14,11 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from learner.batches import BatchFormat
 from learner.callbacks import default_callbacks
 from learner.callbacks.lr_finder import lr_find
 from learner.callbacks.resume import ResumeCB
 from learner.callbacks.schedule import fit_one_cycle
-from learner.core import BaseLearner, Callback, as_cbs
+from learner.core import BaseLearner
+from learner.events import Callback, as_cbs
 from learner.inference import capture_preds, get_preds, infer
 from learner.inspect import show_training_loop, summary
 from learner.interpret import interpret
@@ -36,17 +38,24 @@ class Learner(BaseLearner):
 
     Args:
         model: the `nn.Module` to train.
-        dls: an object with `.train` (and optionally `.valid`) iterables of `(x, y)` batches,
-            such as `learner.DataLoaders`.
-        loss_func: `loss_func(preds, targets)` returning the mean loss of a batch.
+        dls: an object with `.train` (and optionally `.valid`) iterables of batches, such as
+            `learner.DataLoaders`: `(x, y)` tuples, dicts (a Hugging Face collator's), or any
+            structure `batch_format` splits (see `learner.batches`).
+        loss_func: `loss_func(preds, *targets)` returning the mean loss of a batch; None to
+            train on the model's own loss (the `.loss` of its output: a Hugging Face model
+            given `labels`).
         lr: learning rate for the optimizer created on the first `fit`; None if it comes later
             (`fit(lr=...)`, `lr_find()`, `fit_one_cycle(lr_max=...)`).
         cbs: callbacks to add, one or an iterable (one of a default callback's class replaces it).
         opt_func: optimizer factory, called as `opt_func(model.parameters(), lr=lr)`: a
-            torch optimizer, or any object with `step()` and `zero_grad()` (the course's `SGD`).
+            torch optimizer, any object with `step()` and `zero_grad()` (the course's `SGD`),
+            or a dict of named optimizers (`learner.optimizers.Optimizers`).
         metrics: handed to the default `MetricsCB`: one metric, a list, or a dict name -> metric.
         default_cbs: add `TrainEvalCB, DeviceCB, MetricsCB, RecorderCB, ProgressCB` (and
             `DistributedCB` under torchrun).
+        batch_format: how a batch becomes the model's inputs and the loss's targets, and the
+            model's output its predictions: a `learner.batches.BatchFormat`. Default None: `(x,
+            y, ...)` tuples with one input, dicts with the targets under `"labels"`.
 
     Examples:
         >>> learn = Learner(model, dls, F.cross_entropy, lr=0.1, opt_func=torch.optim.SGD,
@@ -59,12 +68,13 @@ class Learner(BaseLearner):
         self,
         model: nn.Module,
         dls: Any,
-        loss_func: Callable[..., torch.Tensor],
+        loss_func: Callable[..., torch.Tensor] | None,
         lr: float | None = 1e-3,
         cbs: Callback | Iterable[Callback] | None = None,
         opt_func: Callable[..., Any] = torch.optim.AdamW,
         metrics: Any = None,
         default_cbs: bool = True,
+        batch_format: BatchFormat | None = None,
     ) -> None:
         if not default_cbs and metrics is not None:
             raise ValueError(
@@ -72,7 +82,7 @@ class Learner(BaseLearner):
                 "MetricsCB(...) to cbs yourself."
             )
         defaults = default_callbacks(metrics) if default_cbs else []
-        super().__init__(model, dls, loss_func, lr, defaults, opt_func)
+        super().__init__(model, dls, loss_func, lr, defaults, opt_func, batch_format)
         self.add_cbs(as_cbs(cbs))  # yours replace the defaults of their class
 
     def fit(

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from learner.core import BaseLearner, Callback
+from learner.core import BaseLearner
+from learner.events import Callback
 from learner.fsdp import is_sharded, load_grads, load_model_state
 from learner.rng import rng_state, set_rng_state
 from learner.utils import restore_training_flags, training_flags
@@ -26,8 +27,9 @@ from learner.utils import restore_training_flags, training_flags
 __all__ = ["LOOP_STATE", "kept_state", "side_run"]
 
 LOOP_STATE = (
-    "lr", "epoch", "n_epochs", "iter", "training", "dl", "batch", "preds", "loss", "loss_grad",
-    "run_train", "run_valid", "start_epoch", "start_iter", "resuming", "grad_sync",
+    "lr", "epoch", "n_epochs", "iter", "training", "dl", "batch", "xb", "yb", "output", "preds",
+    "loss", "loss_grad", "logged", "run_train", "run_valid", "start_epoch", "start_iter",
+    "resuming", "grad_sync",
 )  # fmt: skip
 """The documented loop state of `BaseLearner` that a fit changes (see its docstring)."""
 

@@ -1,7 +1,7 @@
 """Small helpers the rest of the package builds on; this module imports nothing of the package.
 
 One home for each: moving nested batches between devices, the device a model lives on, the
-model inside `torch.compile` / DDP wrappers, a batch's size, modules' train/eval flags.
+model inside `torch.compile` / DDP wrappers, modules' train/eval flags.
 """
 
 from __future__ import annotations
@@ -9,14 +9,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
-    "batch_size",
     "get_lr",
     "map_tensors",
     "model_device",
@@ -72,13 +71,20 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
         return type(obj)(*(map_tensors(o, fn) for o in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)([map_tensors(o, fn) for o in obj])
-    if isinstance(obj, dict):
-        return type(obj)((k, map_tensors(v, fn)) for k, v in obj.items())
+    # Before mappings: a Hugging Face ModelOutput is a dict and a dataclass, built by field.
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         fields = {
             f.name: map_tensors(getattr(obj, f.name), fn) for f in dataclasses.fields(obj) if f.init
         }
         return dataclasses.replace(obj, **fields)
+    if isinstance(obj, dict):
+        return type(obj)((k, map_tensors(v, fn)) for k, v in obj.items())
+    if isinstance(obj, Mapping):  # a UserDict, such as Hugging Face's BatchEncoding
+        items = {k: map_tensors(v, fn) for k, v in obj.items()}
+        try:
+            return type(obj)(items)  # type: ignore[call-arg]
+        except TypeError:  # a mapping type that cannot be built from a dict: a plain one
+            return items
     return obj
 
 
@@ -109,16 +115,6 @@ def snake(name: str) -> str:
         'multiclass_accuracy'
     """
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
-
-
-def batch_size(batch: Any) -> int:
-    """The number of samples in an `(x, y, ...)` batch: the length of its targets `batch[1]`
-    (of `batch[0]` when there are none)."""
-    try:
-        return int(batch[1].shape[0])  # the usual (x, y) batch of tensors
-    except (AttributeError, IndexError, TypeError):
-        targets = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else batch[0]
-        return len(targets)
 
 
 def training_flags(model: nn.Module) -> list[tuple[nn.Module, bool]]:

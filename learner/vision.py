@@ -22,8 +22,9 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from learner.callbacks.progress import ProgressCB
-from learner.core import BaseLearner, Callback, CancelFitException
+from learner.core import BaseLearner, CancelFitException
 from learner.data import DataLoaders
+from learner.events import Callback
 from learner.inference import get_preds
 from learner.plotting import new_figure
 from learner.snapshot import kept_state, side_run

@@ -81,7 +81,7 @@ def test_readme_is_a_front_page() -> None:
 def test_callback_tables_match_the_code() -> None:
     import learner
     from learner.callbacks.order import ORDERS
-    from learner.core import EVENTS, Callback
+    from learner.events import EVENTS, Callback
 
     for page in (ROOT / "README.md", ROOT / "docs" / "standard-callbacks.md"):
         rows = re.findall(r"^\| `(\w+CB)[(`].*?\| (-?\d+) \|", page.read_text("utf-8"), flags=re.M)

@@ -139,7 +139,8 @@ def test_minibatch_course_full_recipe_lands_in_the_course_range() -> None:
     # gives 0.961-0.970 depending on the seed, the course printed 0.969.
     out = run("minibatch_course.py").stdout
     check_table(out, 5)
-    assert 0.961 <= final_accuracy(out) <= 0.970
+    # 0.9702 on some CPUs with one thread (the same numbers as the loop before this change).
+    assert 0.961 <= final_accuracy(out) <= 0.971
 
 
 @needs_mnist

@@ -74,22 +74,28 @@ def test_without_an_error_in_flight_the_first_failing_cleanup_carries_the_others
 # -- 8. batches the default steps cannot take -----------------------------------------------------
 
 
-def test_bare_tensor_and_dict_batches_are_refused_before_any_step() -> None:
+def test_batches_the_format_cannot_serve_fail_with_the_fix_and_change_no_weight() -> None:
     x, y = make_data(16)
     model = make_model()
     before = [p.clone() for p in model.parameters()]
+    # A bare tensor is the inputs alone: a loss that needs targets says there are none.
     bare = SimpleNamespace(train=[x[:8], x[8:]], valid=None)
-    learn = Learner(model, bare, F.cross_entropy, lr=0.1)
-    with pytest.raises(
-        ValueError, match=r"dls\.train yielded a batch that is Tensor\(shape=\(8, 4\)"
-    ):
-        learn.fit(1)
+    with pytest.raises(TypeError) as info:
+        Learner(model, bare, F.cross_entropy, lr=0.1).fit(1)
+    assert "targets none (the batch holds the inputs only)" in str(info.value.__notes__)
+    # A dict with other keys than the model takes: the note names the keys and the fix.
     dicts = SimpleNamespace(train=[{"image": x[:8], "label": y[:8]}], valid=None)
-    learn = Learner(model, dicts, F.cross_entropy, lr=0.1)
-    with pytest.raises(ValueError, match=r"a dict with keys \['image', 'label'\].*collate_fn"):
-        learn.fit(1)
+    with pytest.raises(TypeError) as info:
+        Learner(model, dicts, F.cross_entropy, lr=0.1).fit(1)
+    note = " ".join(info.value.__notes__)
+    assert "['image', 'label']" in note and "BatchFormat(inputs=" in note, note
+    # What is no batch at all is refused before the model sees it, naming the loader.
+    for bad in ("a string", 3, None, ()):
+        loaders = SimpleNamespace(train=[bad], valid=None)
+        with pytest.raises(ValueError, match=r"dls\.train yielded a batch that is .*BatchFormat"):
+            Learner(model, loaders, F.cross_entropy, lr=0.1).fit(1)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    valid = SimpleNamespace(train=batches(x, y, 8), valid=[x[:8]])
+    valid = SimpleNamespace(train=batches(x, y, 8), valid=["no batch"])
     with pytest.raises(ValueError, match=r"dls\.valid yielded a batch"):
         Learner(model, valid, F.cross_entropy, lr=0.1).fit(1)
 
@@ -165,13 +171,13 @@ def test_the_dispatch_table_is_built_once_per_change_set(
     tiny: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     builds: list[int] = []
-    real = BaseLearner._build_handlers
+    real = BaseLearner.build_handlers
 
     def counting(self: BaseLearner) -> Any:
         builds.append(len(self.cbs))
         return real(self)
 
-    monkeypatch.setattr(BaseLearner, "_build_handlers", counting)
+    monkeypatch.setattr(BaseLearner, "build_handlers", counting)
     cbs = [type(f"CB{i}", (EveryEventCB,), {})() for i in range(300)]
     learn = Learner(**tiny, cbs=cbs)
     for i in range(300):

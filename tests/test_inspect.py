@@ -83,11 +83,11 @@ def test_show_training_loop_indents_by_level_and_follows_the_event_list(
     # Events added later (before_backward, before_step) show up where the list puts them; a
     # before_ without a cleanup_ is a point inside its level.
     handlers = {}
-    for event, hs in learn._handlers.items():
+    for event, hs in learn.handlers.items():
         if event in ("after_backward", "after_step"):
             handlers[event.replace("after", "before")] = []
         handlers[event] = hs
-    learn._handlers = handlers
+    learn.handlers = handlers
     depth = {event: indent // 2 for indent, event, _ in _loop_table(show_training_loop(learn))}
     assert depth["before_backward"] == depth["before_step"] == 4 and depth["after_batch"] == 3
     assert depth["after_fit"] == 0

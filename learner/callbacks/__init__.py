@@ -35,8 +35,8 @@ from learner.callbacks.schedule import (
 from learner.callbacks.tensorboard import TensorBoardCB
 from learner.callbacks.tracker import EarlyStoppingCB, Monitor, SaveBestCB, TerminateOnNaNCB
 from learner.callbacks.train_eval import TrainEvalCB
-from learner.core import Callback
 from learner.distributed import torchrun_env
+from learner.events import Callback
 
 __all__ = [
     "ActivationStatsCB",

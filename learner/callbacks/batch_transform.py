@@ -6,7 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 from learner.callbacks.order import ORDERS
-from learner.core import BaseLearner, Callback
+from learner.core import BaseLearner
+from learner.events import Callback
 
 __all__ = ["BatchTransformCB", "tfm_batch"]
 

@@ -14,8 +14,9 @@ from typing import Any
 
 from learner.callbacks.order import ORDERS
 from learner.checks import check_int
-from learner.core import BaseLearner, Callback
+from learner.core import BaseLearner
 from learner.distributed import is_distributed, is_main_process, ranks_where
+from learner.events import Callback
 from learner.io import check_writable, remove_stale_temps, temp_path
 from learner.rng import rng_state
 from learner.saving import save

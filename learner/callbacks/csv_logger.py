@@ -10,8 +10,9 @@ from typing import Any
 from learner.callbacks.metrics import epoch_summary
 from learner.callbacks.order import ORDERS
 from learner.callbacks.recorder import RecorderCB, find_recorder
-from learner.core import BaseLearner, Callback
+from learner.core import BaseLearner
 from learner.distributed import is_main_process, ranks_where
+from learner.events import Callback
 
 __all__ = ["CSVLoggerCB"]
 

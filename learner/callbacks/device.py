@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from learner.callbacks.order import ORDERS
-from learner.core import BaseLearner, Callback
+from learner.core import BaseLearner
 from learner.data import TensorLoader
+from learner.events import Callback
 from learner.utils import move
 
 __all__ = ["DeviceCB", "default_device"]

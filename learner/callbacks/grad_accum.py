@@ -6,10 +6,11 @@ import warnings
 
 import torch
 
+from learner.batches import batch_size
 from learner.callbacks.order import ORDERS
 from learner.checks import check_int
-from learner.core import BaseLearner, Callback, CancelStepException
-from learner.utils import batch_size
+from learner.core import BaseLearner, CancelStepException
+from learner.events import Callback
 
 __all__ = ["GradAccumCB"]
 

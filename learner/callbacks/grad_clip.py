@@ -7,7 +7,8 @@ from torch import nn
 
 from learner.callbacks.order import ORDERS
 from learner.checks import check_number
-from learner.core import BaseLearner, Callback
+from learner.core import BaseLearner
+from learner.events import Callback
 
 __all__ = ["GradClipCB"]
 

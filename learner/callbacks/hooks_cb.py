@@ -8,7 +8,8 @@ from typing import Any
 from torch import nn
 
 from learner.callbacks.order import ORDERS
-from learner.core import BaseLearner, Callback
+from learner.core import BaseLearner
+from learner.events import Callback
 from learner.hooks import Hook, HookFn, Hooks, ModuleSpec, find_modules
 
 __all__ = ["HooksCB", "HooksCallback"]

@@ -15,8 +15,9 @@ from learner.callbacks.order import ORDERS
 from learner.callbacks.recorder import smooth
 from learner.callbacks.schedule import sched_exp, set_hyper
 from learner.checks import check_int, check_number, param_groups
-from learner.core import BaseLearner, Callback, CancelFitException
+from learner.core import BaseLearner, CancelFitException
 from learner.distributed import all_reduce_sum, is_distributed, world_size
+from learner.events import Callback
 from learner.plotting import new_figure
 from learner.snapshot import side_run
 

@@ -8,10 +8,12 @@ from typing import Any
 
 import torch
 
+from learner.batches import batch_size
 from learner.callbacks.order import ORDERS
-from learner.core import BaseLearner, Callback
+from learner.core import BaseLearner
 from learner.distributed import all_reduce_sum, is_distributed
-from learner.utils import batch_size, model_device, snake
+from learner.events import Callback
+from learner.utils import map_tensors, model_device, snake
 
 __all__ = ["MetricsCB", "accuracy", "epoch_summary"]
 
@@ -94,8 +96,16 @@ class MetricsCB(Callback):
     metrics must sum over ranks themselves: torchmetrics' do in `compute()`, torcheval's are
     computed with `sync_and_compute`.
 
+    Metrics receive `learn.preds` (what the model returned, or its `.logits`: see
+    `learner.batches`) and the targets `learn.yb`, as `metric(preds, *targets)`: a model with
+    several outputs hands its tuple or dict to the metrics, and a batch without targets calls
+    them with the predictions alone. Values a training step logs with `learn.log(name=value)`
+    (a GAN's `g_loss` and `d_loss`) are averaged over each phase the same way, weighted by the
+    size of the batches that logged them, and shown as `train_<name>` and `valid_<name>`.
+
     After each phase, `values["train"]` or `values["valid"]` holds plain Python numbers, and
-    `epoch_summary()` the epoch's row: `train_loss`, `valid_loss` and each metric.
+    `epoch_summary()` the epoch's row: `train_loss`, `valid_loss`, each metric, then the logged
+    values.
 
     `state_dict()` holds `values` and, during a training phase, its accumulators (per-batch
     sizes and values, and the state of stateful metrics: their `state_dict`, or for torchmetrics
@@ -176,6 +186,8 @@ class MetricsCB(Callback):
             n for n, m in self.metrics.items() if with_metrics and not _is_stateful(m)
         ]
         self.batch_values: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        # learn.log(name=value): per name, each batch's value and size (not every batch need log).
+        self.logged: dict[str, tuple[list[torch.Tensor], list[int]]] = {}
         if with_metrics:
             for m in self.metrics.values():
                 if _is_stateful(m):
@@ -187,20 +199,25 @@ class MetricsCB(Callback):
         return sum(self.counts)
 
     def after_batch(self, learn: BaseLearner) -> None:
-        self.counts.append(batch_size(learn.batch))
+        bs = batch_size(learn.batch)
+        self.counts.append(bs)
         loss = learn.loss  # a training loss is detached by the Learner once the step is done
         self.batch_values["loss"].append(loss.detach() if loss.requires_grad else loss)
-        if not self.with_metrics:
+        if learn.logged:
+            self._log(learn.logged, bs)
+        if not (self.with_metrics and self._kinds):
             return
-        preds, targets = learn.preds, learn.batch[1]
-        if preds.requires_grad:  # metrics on the training phase; validation needs no copy
+        preds, targets = learn.preds, learn.yb
+        if not isinstance(preds, torch.Tensor):  # several outputs: each detached
+            preds = map_tensors(preds, torch.Tensor.detach)
+        elif preds.requires_grad:  # metrics on the training phase; validation needs no copy
             preds = preds.detach()
         check = not self.checked  # the first batch of each phase; later batches cost nothing
         for name, m, stateful in self._kinds:
             if stateful:
-                m.update(preds, targets)
+                m.update(preds, *targets)
             else:
-                value = m(preds, targets)
+                value = m(preds, *targets)
                 if check and (problem := _not_a_batch_mean(name, value)):
                     phase = "training" if learn.training else "validation"
                     raise _batch_mean_error(f"{problem} (at {phase} batch {learn.iter})")
@@ -210,6 +227,26 @@ class MetricsCB(Callback):
                     else torch.tensor(value, device=learn.loss.device)
                 )
         self.checked = True
+
+    def _log(self, logged: dict[str, Any], bs: int) -> None:
+        for name, value in logged.items():
+            if name in self.batch_values or name in self.metrics:
+                raise ValueError(
+                    f"learn.log({name}=...): {name!r} is the name of the loss or a metric; "
+                    "log it under another name."
+                )
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(float(value), device=self.device)
+            elif value.requires_grad:
+                value = value.detach()
+            if value.numel() != 1:
+                raise ValueError(
+                    f"learn.log({name}=...) takes one number per batch (a batch mean), got a "
+                    f"tensor of shape {tuple(value.shape)}."
+                )
+            self.logged.setdefault(name, ([], []))
+            self.logged[name][0].append(value.reshape(()))
+            self.logged[name][1].append(bs)
 
     def _compute(self) -> dict[str, Any]:
         names = ["loss", *self.metrics] if self.with_metrics else ["loss"]
@@ -234,11 +271,33 @@ class MetricsCB(Callback):
             sums = per_batch @ weights
         else:  # no batch here, but under DDP this rank still takes part in the sum below
             sums = torch.zeros(len(self.batch_values), dtype=dtype, device=device)
+        # The logged values' weighted sums and counts, by name (the same names on every rank).
+        logged = sorted(self.logged)
+        extra = [
+            torch.stack(self.logged[n][0]).to(device=device, dtype=dtype)
+            @ torch.tensor(self.logged[n][1], dtype=dtype, device=device)
+            for n in logged
+        ]
+        extra += [
+            torch.tensor(float(sum(self.logged[n][1])), dtype=dtype, device=device) for n in logged
+        ]
         # The weighted sums and the sample count of every rank, added in one collective (a no-op
         # on one process), then read on the host once for every value of the phase.
-        *totals, count = all_reduce_sum(torch.cat([sums, weights.sum().reshape(1)])).tolist()
+        both = torch.cat(
+            [sums, weights.sum().reshape(1), torch.stack(extra).reshape(-1) if extra else sums[:0]]
+        )
+        reduced = all_reduce_sum(both).tolist()
+        *totals, count = reduced[: len(sums) + 1]
+        logged_sums, logged_counts = (
+            reduced[len(sums) + 1 :][: len(logged)],
+            reduced[len(sums) + 1 :][len(logged) :],
+        )
+        logged_values = {
+            n: total / c if c else math.nan
+            for n, total, c in zip(logged, logged_sums, logged_counts)
+        }
         if count == 0:
-            return dict.fromkeys(names, math.nan)
+            return {**dict.fromkeys(names, math.nan), **logged_values}
         out: dict[str, Any] = {
             name: total / count for name, total in zip(self.batch_values, totals)
         }
@@ -246,7 +305,7 @@ class MetricsCB(Callback):
             for name, m in self.metrics.items():
                 if _is_stateful(m):
                     out[name] = _to_python(_stateful_compute(m))
-        return {name: out[name] for name in names}
+        return {**{name: out[name] for name in names}, **logged_values}
 
     def after_train(self, learn: BaseLearner) -> None:
         self.values["train"] = self._compute()
@@ -269,6 +328,10 @@ class MetricsCB(Callback):
                     for name, m in self.metrics.items()
                     if _is_stateful(m) and callable(getattr(m, "state_dict", None))
                 },
+                "logged": {
+                    name: {"values": torch.stack(vals).cpu(), "counts": list(counts)}
+                    for name, (vals, counts) in self.logged.items()
+                },
             }
         return state
 
@@ -286,6 +349,10 @@ class MetricsCB(Callback):
         for name, m in self.metrics.items():
             if name in phase["metrics"]:
                 _load_metric_state(m, phase["metrics"][name], self.device)
+        self.logged = {
+            name: (list(v["values"].to(self.device).unbind()), list(v["counts"]))
+            for name, v in phase.get("logged", {}).items()
+        }
 
     def epoch_summary(self) -> dict[str, Any]:
         """The epoch so far as one row: `train_loss`, `valid_loss` (None if not run), metrics."""
@@ -293,6 +360,9 @@ class MetricsCB(Callback):
         row = {"train_loss": train.get("loss"), "valid_loss": valid.get("loss")}
         source = train if self.metrics_on_train else valid
         row.update({name: source.get(name) for name in self.metrics})
+        known = {"loss", *self.metrics}
+        for phase, values in (("train", train), ("valid", valid)):  # learn.log's values
+            row.update({f"{phase}_{n}": v for n, v in values.items() if n not in known})
         return row
 
 

@@ -9,7 +9,8 @@ import torch
 
 from learner.callbacks.order import ORDERS
 from learner.checks import param_groups
-from learner.core import BaseLearner, Callback, CancelStepException
+from learner.core import BaseLearner, CancelStepException
+from learner.events import Callback
 from learner.utils import model_device
 
 __all__ = ["MixedPrecisionCB"]

@@ -18,8 +18,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from learner.callbacks.order import ORDERS
-from learner.core import BaseLearner, Callback
+from learner.core import BaseLearner
 from learner.distributed import broadcast_tensors, collective_device, rank, world_size
+from learner.events import Callback
 from learner.fsdp import ShardPolicy, is_sharded, load_optimizer_state, shard_model
 from learner.sharding import shard_loader
 from learner.utils import model_device, unwrap_model

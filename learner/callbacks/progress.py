@@ -12,8 +12,9 @@ from fastprogress.core import format_time
 from learner.callbacks.metrics import epoch_summary
 from learner.callbacks.order import ORDERS
 from learner.callbacks.recorder import get_recorder
-from learner.core import BaseLearner, Callback
+from learner.core import BaseLearner
 from learner.distributed import is_main_process
+from learner.events import Callback
 
 __all__ = ["ProgressCB"]
 

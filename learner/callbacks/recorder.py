@@ -12,7 +12,8 @@ from matplotlib.ticker import MaxNLocator
 
 from learner.callbacks.metrics import epoch_summary
 from learner.callbacks.order import ORDERS
-from learner.core import BaseLearner, Callback
+from learner.core import BaseLearner
+from learner.events import Callback
 from learner.plotting import new_figure
 from learner.utils import get_lr
 

@@ -12,7 +12,8 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from learner.callbacks.order import ORDERS
 from learner.callbacks.tracker import Monitor
 from learner.checks import check_lr, param_groups
-from learner.core import BaseLearner, Callback, as_cbs
+from learner.core import BaseLearner
+from learner.events import Callback, as_cbs
 
 __all__ = [
     "LRSchedulerCB",

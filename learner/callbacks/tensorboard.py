@@ -8,8 +8,9 @@ from typing import Any
 from learner.callbacks.order import ORDERS
 from learner.callbacks.recorder import RecorderCB, find_recorder
 from learner.checks import check_int
-from learner.core import BaseLearner, Callback
+from learner.core import BaseLearner
 from learner.distributed import is_main_process
+from learner.events import Callback
 
 __all__ = ["TensorBoardCB"]
 

@@ -15,8 +15,9 @@ from learner.callbacks.metrics import epoch_summary
 from learner.callbacks.order import ORDERS
 from learner.callbacks.recorder import get_recorder
 from learner.checks import check_int, check_number
-from learner.core import BaseLearner, Callback, CancelFitException
+from learner.core import BaseLearner, CancelFitException
 from learner.distributed import broadcast_module, is_distributed, is_main_process, ranks_where
+from learner.events import Callback
 from learner.fsdp import full_model_state, is_sharded, load_model_state
 from learner.io import atomic_save
 from learner.utils import unwrap_model

@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from learner.callbacks.order import ORDERS
-from learner.core import BaseLearner, Callback
+from learner.core import BaseLearner
+from learner.events import Callback
 from learner.utils import restore_training_flags, training_flags
 
 __all__ = ["TrainEvalCB"]
