@@ -304,6 +304,11 @@ class BaseLearner(CallbackList):
             self.predict()
         except Exception as e:
             inputs = self.batch_format.describe_inputs(self.batch, self.xb)
+            if self.loss_func is None:
+                inputs += (
+                    " (loss_func=None: the model computes its own loss, so it gets the whole "
+                    "batch, targets included; a model that does not: pass a loss_func)"
+                )
             e.add_note(f"The model failed on inputs {inputs}.")
             raise
         self.callback("after_predict")

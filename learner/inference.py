@@ -162,7 +162,7 @@ def get_preds(
         for batch in dl:
             _predict_batch(learn, batch, device, transforms)
             preds.append(to_device(learn.preds, "cpu"))
-            if (with_targets or with_loss) and not learn.yb:
+            if (with_targets or loss_func is not None) and not learn.yb:
                 raise ValueError(
                     "get_preds: the batches have no targets ("
                     + learn.batch_format.describe_targets(learn.batch, learn.yb)

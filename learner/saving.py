@@ -74,6 +74,7 @@ from learner.fsdp import (
     load_optimizer_state,
 )
 from learner.io import atomic_save
+from learner.optimizers import Optimizers, as_optimizer
 from learner.rng import rng_state, set_rng_state
 from learner.utils import map_tensors, unwrap_model
 
@@ -695,6 +696,9 @@ def check_optimizer(
         "learn.load(path, with_opt=False)."
     )
     ours = type(opt).__name__
+    if isinstance(opt, Optimizers) or saved_class == Optimizers.__name__:
+        _check_optimizers(opt, state, path, saved_class, fix)
+        return
     if not (callable(getattr(opt, "load_state_dict", None)) and hasattr(opt, "param_groups")):
         raise ValueError(
             f"The learner's optimizer, a {ours}, cannot take the optimizer state in {path} (it "
@@ -737,9 +741,35 @@ def check_optimizer(
             )
 
 
+def _check_optimizers(
+    opt: Any, state: Mapping[str, Any], path: StrPath, saved_class: str | None, fix: str
+) -> None:
+    """`check_optimizer` for several optimizers (`Optimizers`): the same names, each checked."""
+    ours, saved = type(opt).__name__, state.get("optimizers")
+    if not isinstance(opt, Optimizers) or not isinstance(saved, dict):
+        theirs = (
+            f"several optimizers' ({', '.join(saved)})"
+            if isinstance(saved, dict)
+            else (f"one {saved_class}'s" if saved_class else "one optimizer's")
+        )
+        kind = f"several ({', '.join(opt)})" if isinstance(opt, Optimizers) else f"one {ours}"
+        raise ValueError(
+            f"The optimizer state in {path} is {theirs}, and the learner's optimizers are "
+            f"{kind}; nothing was loaded. {fix}"
+        )
+    if set(saved) != set(opt):
+        raise ValueError(
+            f"The optimizer state in {path} is for the optimizers {sorted(saved)}, and the "
+            f"learner's are {sorted(opt)}; nothing was loaded. {fix}"
+        )
+    classes = state.get("classes") or {}
+    for name in opt:
+        check_optimizer(opt[name], saved[name], f"{path} (optimizer {name!r})", classes.get(name))
+
+
 def check_fits(
     learn: BaseLearner, ckpt: Mapping[str, Any], path: StrPath, with_opt: bool = True
-) -> torch.optim.Optimizer | None:
+) -> Any:
     """Every check of a checkpoint (from `read_checkpoint`) against `learn` that `load` and a
     resume make before they assign anything: `check_model`, the gradients' names and shapes,
     and with `with_opt` `check_optimizer`. A ValueError saying what does not fit.
@@ -758,12 +788,15 @@ def check_fits(
     opt = learn.opt
     if opt is None:  # its lr is the saved one once loaded
         lr = learn.lr if learn.lr is not None else _saved_lr(ckpt["opt"])
-        opt = learn.opt_func(learn.model.parameters(), lr=lr)
+        opt = as_optimizer(learn.opt_func(learn.model.parameters(), lr=lr))
     check_optimizer(opt, ckpt["opt"], path, ckpt.get("opt_class"))
     return opt
 
 
 def _saved_lr(state: Mapping[str, Any]) -> Any:
+    several = state.get("optimizers")
+    if isinstance(several, dict) and several:  # Optimizers: the first one's
+        return _saved_lr(next(iter(several.values())))
     groups = state.get("param_groups") or [{}]
     return groups[0].get("lr", 1e-3) if isinstance(groups[0], dict) else 1e-3
 

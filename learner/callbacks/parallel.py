@@ -22,6 +22,7 @@ from learner.core import BaseLearner
 from learner.distributed import broadcast_tensors, collective_device, rank, world_size
 from learner.events import Callback
 from learner.fsdp import ShardPolicy, is_sharded, load_optimizer_state, shard_model
+from learner.optimizers import Optimizers
 from learner.sharding import shard_loader
 from learner.utils import model_device, unwrap_model
 
@@ -173,6 +174,12 @@ class DistributedCB(Callback):
         model = learn.model
         if not is_sharded(model):
             shard_model(model, device, self.policy, **self.fsdp_kwargs)
+        if isinstance(learn.opt, Optimizers):
+            raise NotImplementedError(
+                "DistributedCB(strategy='fsdp') rebuilds the optimizer over the shards, and "
+                "cannot yet for several optimizers (learn.opt is Optimizers). Use "
+                "strategy='ddp', or one optimizer with a param group per part of the model."
+            )
         if learn.opt is not None and _params(learn.opt) != {id(p) for p in model.parameters()}:
             # Made over the parameters the sharding replaced: one over the shards, same state.
             state = learn.opt.state_dict()

@@ -35,7 +35,10 @@ class RecorderCB(Callback):
     - `losses`: training loss of every batch (Python floats; read from the device once per epoch).
     - `lrs`: learning rate of the first parameter group at every training batch.
     - `history`: one dict per epoch: `epoch`, `train_loss`, `valid_loss` and each metric (from
-      `MetricsCB`; `None` for a phase that did not run).
+      `MetricsCB`; `None` for a phase that did not run), then the values logged with
+      `learn.log` (`train_g_loss`, `valid_g_loss`).
+    - `logged`: name -> the value of every training batch that logged it with
+      `learn.log(name=value)` (Python floats, read once per epoch).
 
     Records accumulate across `fit` calls (a second fit continues the curves); `reset()` clears
     them; `state_dict()` / `load_state_dict()` hold them all, for checkpoints. Plots return a
@@ -77,6 +80,8 @@ class RecorderCB(Callback):
         """Forget everything recorded."""
         self._losses: list[float] = []
         self._pending: list[torch.Tensor] = []
+        self._logged: dict[str, list[float]] = {}
+        self._pending_logged: dict[str, list[torch.Tensor]] = {}
         self.lrs: list[float] = []
         self.history: list[dict[str, Any]] = []
         self.epoch_iters: list[int] = []  # number of training batches recorded at each epoch end
@@ -88,11 +93,21 @@ class RecorderCB(Callback):
         self._flush()
         return self._losses
 
+    @property
+    def logged(self) -> dict[str, list[float]]:
+        """Name -> the value of every training batch that logged it (`learn.log`)."""
+        self._flush()
+        return self._logged
+
     def _flush(self) -> None:
         if self._pending:
             # One device-to-host read for the whole epoch instead of one per batch.
             self._losses.extend(torch.stack(self._pending).float().cpu().tolist())
             self._pending = []
+        for name, values in self._pending_logged.items():
+            if values:
+                self._logged.setdefault(name, []).extend(torch.stack(values).float().cpu().tolist())
+        self._pending_logged = {}
 
     def before_fit(self, learn: BaseLearner) -> None:
         groups = getattr(learn.opt, "param_groups", None)
@@ -107,6 +122,9 @@ class RecorderCB(Callback):
         loss = learn.loss  # detached by the Learner once the step is done
         self._pending.append(loss.detach() if loss.requires_grad else loss)
         self.lrs.append(get_lr(learn.opt))
+        for name, value in learn.logged.items():
+            value = torch.as_tensor(value).detach().reshape(())
+            self._pending_logged.setdefault(name, []).append(value)
 
     def after_train(self, learn: BaseLearner) -> None:
         self._flush()
@@ -124,6 +142,7 @@ class RecorderCB(Callback):
             "lrs": list(self.lrs),
             "history": [dict(row) for row in self.history],
             "epoch_iters": list(self.epoch_iters),
+            **({"logged": {k: list(v) for k, v in self.logged.items()}} if self.logged else {}),
             **({"recs": {k: list(v) for k, v in self.recs.items()}} if self.fns else {}),
         }
 
@@ -134,6 +153,7 @@ class RecorderCB(Callback):
         self.lrs = list(state["lrs"])
         self.history = [dict(row) for row in state["history"]]
         self.epoch_iters = list(state["epoch_iters"])
+        self._logged = {k: list(v) for k, v in state.get("logged", {}).items()}
         for name, values in state.get("recs", {}).items():
             if name in self.recs:
                 self.recs[name] = list(values)
