@@ -37,6 +37,10 @@ TESTED = {
     "trackers": "test_feature_examples_run",
     "checkpoints": "test_checkpoint_and_predictions_examples_run",
     "predictions": "test_checkpoint_and_predictions_examples_run",
+    "batch-formats": "test_batches_page_runs",
+    "several-outputs": "test_batches_page_runs",
+    "no-targets": "test_batches_page_runs",
+    "gan": "test_batches_page_runs",
 }
 
 
@@ -201,3 +205,25 @@ def test_checkpoint_and_predictions_examples_run(
     scope: dict[str, Any] = {"learn": learn, "x_valid": x_valid}
     exec(block("predictions"), scope)
     assert scope["losses"].shape == (8,)
+
+
+def test_batches_page_runs() -> None:
+    import torch
+
+    torch.manual_seed(0)
+    scope: dict[str, Any] = {}
+    exec(block("batch-formats"), scope)
+    assert scope["learn"].infer((scope["x"][0], scope["extra"][0])).shape == (3,)
+    image, label = scope["fmt"].split({"image": scope["x"][:4], "label": scope["y"][:4]})
+    assert image[0].shape == (4, 8) and label[0].shape == (4,)
+    exec(block("several-outputs"), scope)
+    assert scope["logits"].shape == (64, 3) and scope["aux"].shape == (64,)
+    assert scope["one_logits"].shape == (3,) and scope["one_aux"].shape == ()
+    assert "first_accuracy" in scope["learn"].recorder.history[-1]
+    exec(block("no-targets"), scope)
+    row = scope["learn"].recorder.history[-1]
+    assert {"train_code_norm", "valid_code_norm"} <= set(row) and scope["recon"].shape == (64, 8)
+    exec(block("gan"), scope)
+    row = scope["learn"].recorder.history[-1]
+    assert {"train_g_loss", "train_d_loss", "valid_g_loss", "valid_d_loss"} <= set(row)
+    assert list(scope["learn"].opt) == ["g", "d"]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_dls, make_model
 
-from learner import Callback, DeviceCB, GradAccumCB, Learner
+from learner import BatchFormat, Callback, DeviceCB, GradAccumCB, Learner
 
 
 # The course's TrainCB (miniai, notebook 09), as a student writes it; it counts its calls.
@@ -176,3 +176,47 @@ def test_the_courses_mixed_precision_train_cb(device: str) -> None:
     plain.fit(2)
     assert learn.recorder.losses != plain.recorder.losses
     assert learn.recorder.losses == pytest.approx(plain.recorder.losses, rel=0.05)
+
+
+# The course's TrainCB with its n_inp (miniai/learner.py, notebook 09 onwards), as written there.
+class CourseTrainCB(Callback):
+    def __init__(self, n_inp: int = 1) -> None:
+        self.n_inp = n_inp
+
+    def predict(self, learn: Any) -> None:
+        learn.preds = learn.model(*learn.batch[: self.n_inp])
+
+    def get_loss(self, learn: Any) -> None:
+        learn.loss = learn.loss_func(learn.preds, *learn.batch[self.n_inp :])
+
+    def backward(self, learn: Any) -> None:
+        learn.loss.backward()
+
+    def step(self, learn: Any) -> None:
+        learn.opt.step()
+
+    def zero_grad(self, learn: Any) -> None:
+        learn.opt.zero_grad()
+
+
+class Sum(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = make_model(), make_model(1)
+
+    def forward(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x2)
+
+
+def test_the_course_train_cb_with_n_inp_matches_the_batch_format() -> None:
+    dls = make_dls()
+    two = [(x, x.flip(0), y) for x, y in dls.train]
+    dls.train, dls.valid = two, [(x, x.flip(0), y) for x, y in dls.valid]
+    course = Learner(Sum(), dls, F.cross_entropy, lr=0.1, opt_func=torch.optim.SGD,
+                     cbs=CourseTrainCB(n_inp=2), default_cbs=False)  # fmt: skip
+    course.fit(2)
+    ours = Learner(Sum(), dls, F.cross_entropy, lr=0.1, opt_func=torch.optim.SGD,
+                   batch_format=BatchFormat(n_inp=2))  # fmt: skip
+    ours.fit(2)
+    for p, q in zip(course.model.parameters(), ours.model.parameters()):
+        assert torch.equal(p, q)
