@@ -364,3 +364,19 @@ def test_a_metrics_cb_without_metrics_never_reads_the_outputs() -> None:
     )
     learn.fit(1)
     assert learn.recorder.history[-1]["valid_loss"] > 0
+
+
+def test_mixed_precision_gives_metrics_full_precision_fields() -> None:
+    from learner import MixedPrecisionCB
+
+    seen: list[torch.dtype] = []
+
+    class SeeCB(Callback):
+        order = 20  # after MixedPrecisionCB's after_predict
+
+        def after_predict(self, learn: Any) -> None:
+            seen.extend(t.dtype for t in learn.preds)
+
+    learn = Learner(TupleModel(), make_dls(), tuple_loss, cbs=[MixedPrecisionCB(), SeeCB()])
+    learn.fit(1)
+    assert seen and set(seen) == {torch.float32}

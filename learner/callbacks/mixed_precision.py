@@ -11,7 +11,7 @@ from learner.callbacks.order import ORDERS
 from learner.checks import param_groups
 from learner.core import BaseLearner, CancelStepException
 from learner.events import Callback
-from learner.utils import model_device
+from learner.utils import map_tensors, model_device
 
 __all__ = ["MixedPrecisionCB"]
 
@@ -39,6 +39,13 @@ class _StepProbe:
 
     def step(self) -> None:
         self.stepped = True
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in _HALF else t
 
 
 class MixedPrecisionCB(Callback):
@@ -128,8 +135,11 @@ class MixedPrecisionCB(Callback):
 
     def after_predict(self, learn: BaseLearner) -> None:
         preds = learn.preds
-        if isinstance(preds, torch.Tensor) and preds.dtype in (torch.float16, torch.bfloat16):
-            learn.preds = preds.float()
+        if isinstance(preds, torch.Tensor):
+            if preds.dtype in _HALF:
+                learn.preds = preds.float()
+        else:  # several outputs: each half-precision tensor in them
+            learn.preds = map_tensors(preds, _full)
 
     def _exit_autocast(self) -> None:
         if self._in_autocast and self._autocast is not None:

@@ -246,11 +246,11 @@ class DistributedCB(Callback):
                 "DistributedCB(strategy='fsdp'): this rank has no batch to keep the others' "
                 "validation company with; give every rank at least one training batch."
             )
-        preds = learn.preds
+        preds, output = learn.preds, learn.output
         with torch.no_grad():
             for _ in range(self.extra_forwards):
                 learn.predict()  # not counted: nothing is fired, preds are put back
-        learn.preds, self.extra_forwards = preds, 0
+        learn.preds, learn.output, self.extra_forwards = preds, output, 0
 
     def cleanup_fit(self, learn: BaseLearner) -> None:
         if self.hook is not None:
