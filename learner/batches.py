@@ -42,7 +42,7 @@ import torch
 
 from learner.checks import describe
 
-__all__ = ["BatchFormat", "Inputs", "batch_size", "call_model", "first_tensor", "item_count"]
+__all__ = ["BatchFormat", "Inputs", "batch_size", "first_tensor", "item_count"]
 
 Inputs = tuple[Any, ...] | dict[str, Any]
 """The model's inputs: positional arguments (a tuple) or keyword arguments (a dict)."""
@@ -157,6 +157,8 @@ class BatchFormat:
 
     def preds(self, output: Any) -> Any:
         """What the loss, metrics and predictions see of the model's `output`."""
+        if type(output) is torch.Tensor and self.custom_preds is None:  # the usual: no more checks
+            return output
         if self.custom_preds is not None:
             return self.custom_preds(output)
         if isinstance(output, torch.Tensor) or type(output) in _PLAIN:
@@ -221,13 +223,6 @@ class BatchFormat:
 
 def _has_loss_field(output: Any) -> bool:
     return ("loss" in output) if isinstance(output, Mapping) else hasattr(output, "loss")
-
-
-def call_model(model: Callable[..., Any], xb: Inputs) -> Any:
-    """`model(**xb)` for keyword inputs, `model(*xb)` for positional ones."""
-    if type(xb) is tuple:
-        return model(*xb)
-    return model(**xb)  # type: ignore[arg-type]
 
 
 def first_tensor(obj: Any) -> torch.Tensor | None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from learner.batches import BatchFormat, Inputs, call_model
+from learner.batches import BatchFormat, Inputs
 from learner.checks import add_note_once, check_dls, check_int, check_loaders, check_lr, describe
 from learner.events import EVENTS, Callback, CallbackList, as_cbs
 from learner.optimizers import as_optimizer
@@ -299,7 +299,7 @@ class BaseLearner(CallbackList):
     def _do_batch(self) -> None:
         if self.logged:  # what the previous batch logged
             self.logged = {}
-        self.split_batch()
+        self.xb, self.yb = self.batch_format.split(self.batch, self.loss_func is None)
         try:
             self.predict()
         except Exception as e:
@@ -349,7 +349,7 @@ class BaseLearner(CallbackList):
     def split_batch(self) -> None:
         """`self.xb, self.yb`: the inputs and targets of `self.batch`, by `self.batch_format`.
 
-        The loop calls it after `before_batch`; code that runs `predict` outside the loop
+        The loop does this after `before_batch`; code that runs `predict` outside the loop
         (`get_preds`, `infer`) calls it after setting `batch`. The model computing its own loss
         (`loss_func=None`) gets the targets in `xb` too.
         """
@@ -375,7 +375,8 @@ class BaseLearner(CallbackList):
         Only the training step: inference is `learn.infer(x)`, which runs this step in eval and
         inference mode, so overriding it changes inference too and cannot break it.
         """
-        self.output = call_model(self.model, self.xb)
+        xb = self.xb
+        self.output = self.model(*xb) if isinstance(xb, tuple) else self.model(**xb)
         self.preds = self.batch_format.preds(self.output)
 
     def get_loss(self) -> None:
