@@ -14,13 +14,15 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from learner.batches import BatchFormat
+from learner.checks import describe
 from learner.core import BaseLearner
 from learner.data import DataLoaders
 from learner.inference import get_preds
 from learner.plotting import new_figure
 from learner.rng import rng_state, set_rng_state
 from learner.snapshot import kept_state
-from learner.vision import show_images
+from learner.vision import image_input, show_images
 
 __all__ = ["Interpretation", "interpret"]
 
@@ -39,6 +41,9 @@ class Interpretation:
         dl: the loader the items came from, in the same order (unshuffled): `plot_top_losses`
             reads the images of its items from it again. None: no pictures of items.
         classes: the name of each class, `n_classes` of them, or None.
+        batch_format: how `dl`'s batches split into inputs (the images are the first positional
+            one) and the one target. Default None: `BatchFormat()`, `(x, y)` tuples;
+            `learn.interpret()` passes the learner's.
 
     Examples:
         >>> interp = learn.interpret()
@@ -53,11 +58,17 @@ class Interpretation:
         losses: Tensor,
         dl: Iterable[Any] | None = None,
         classes: Sequence[str] | None = None,
+        batch_format: BatchFormat | None = None,
     ) -> None:
         if not isinstance(preds, Tensor) or preds.ndim != 2:
             got = tuple(preds.shape) if isinstance(preds, Tensor) else type(preds).__name__
             raise ValueError(f"Interpretation: preds are a classifier's (N, n_classes); got {got}.")
         n, n_classes = preds.shape
+        if not isinstance(targets, Tensor):
+            raise ValueError(
+                f"Interpretation: targets are {n} integer labels (N,), one tensor; got "
+                f"{describe(targets)} (batches of several targets?)."
+            )
         if targets.shape != (n,) or targets.is_floating_point():
             raise ValueError(
                 f"Interpretation: targets are {n} integer labels (N,); got {targets.dtype} of "
@@ -79,6 +90,7 @@ class Interpretation:
             )
         self.preds, self.targets, self.losses = preds.cpu(), targets.cpu(), losses.cpu()
         self.dl = dl
+        self.batch_format = batch_format if batch_format is not None else BatchFormat()
         self.classes: tuple[str, ...] | None = None if classes is None else tuple(classes)
         self.decoded = self.preds.argmax(1)
         """The predicted class of each item."""
@@ -233,7 +245,14 @@ class Interpretation:
         try:
             start = 0
             for batch in self.dl:
-                x, y = batch[0], batch[1]
+                inputs, targets = self.batch_format.split(batch)
+                x = image_input(inputs, "Interpretation")
+                if len(targets) != 1 or not isinstance(targets[0], Tensor):
+                    raise ValueError(
+                        "Interpretation: each batch of dl has one target, the labels; got "
+                        f"{self.batch_format.describe_targets(batch, targets)}."
+                    )
+                y = targets[0]
                 for i in [i for i in wanted if start <= i < start + len(x)]:
                     if int(y[i - start]) != int(self.targets[i]):
                         raise ValueError(
@@ -283,4 +302,6 @@ def interpret(
         classes = getattr(learn.dls, "classes", None)
     with kept_state(learn, rng=True):
         preds, targets, losses = get_preds(learn, dl, with_loss=True)
-    return Interpretation(preds, targets, losses, dl=dl, classes=classes)
+    return Interpretation(
+        preds, targets, losses, dl=dl, classes=classes, batch_format=learn.batch_format
+    )

@@ -24,8 +24,9 @@ from learner.events import Callback, as_cbs
 from learner.inference import capture_preds, get_preds, infer
 from learner.inspect import show_training_loop, summary
 from learner.interpret import interpret
+from learner.results import show_results, tta
 from learner.saving import load, save
-from learner.vision import show_batch, show_results, tta
+from learner.vision import show_batch
 
 __all__ = ["Learner"]
 

@@ -1,6 +1,10 @@
-"""Looking at images: a grid of them (`show_images`), a training batch as the model sees it
-(`learn.show_batch()`), validation images with their predictions (`learn.show_results()`), and
-predictions averaged over flipped or otherwise transformed inputs (`learn.tta(tfms)`).
+"""Looking at images: a grid of them (`show_images`) and a training batch as the model sees it
+(`learn.show_batch()`). Validation results (`learn.show_results()`) and test-time augmentation
+(`learn.tta(tfms)`) are in `learner.results`.
+
+A batch's images are its first positional input as the learner's `batch_format` splits it
+(`image_input`), and its labels read as `label_text` writes them, so tuple batches `(x, y, ...)`
+and dict batches with `BatchFormat(inputs="image")` are shown alike.
 
 Every picture is a matplotlib `Figure` returned to the caller (`learner.plotting.new_figure`):
 a notebook shows it inline, a script calls `fig.savefig(...)`. None of these leaves a trace on
@@ -12,7 +16,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,16 +25,16 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from learner.batches import Inputs
 from learner.callbacks.progress import ProgressCB
+from learner.checks import describe
 from learner.core import BaseLearner, CancelFitException
 from learner.data import DataLoaders
 from learner.events import Callback
-from learner.inference import get_preds
 from learner.plotting import new_figure
-from learner.snapshot import kept_state, side_run
-from learner.utils import model_device, to_device
+from learner.snapshot import side_run
 
-__all__ = ["show_batch", "show_images", "show_results", "tta"]
+__all__ = ["image_input", "label_text", "show_batch", "show_images"]
 
 _INCHES = 2.0  # the side of one image in a grid, by default
 
@@ -130,6 +134,11 @@ def _show(
         raise ValueError("show_images: no images to show.")
     if titles is not None and len(titles) != n:
         raise ValueError(f"show_images: {n} images but {len(titles)} titles; pass one per image.")
+    if colors is not None and (titles is None or len(colors) != n):
+        raise ValueError(
+            f"show_images: colors colour the titles, one per image: {n} images, "
+            f"{len(titles or ())} titles and {len(colors)} colors."
+        )
     cols = _grid(n, nrows, ncols)
     rows = -(-n // cols)
     width, height = figsize if figsize is not None else (_INCHES * cols, _INCHES * rows)
@@ -152,6 +161,7 @@ def show_images(
     ncols: int | None = None,
     titles: Sequence[str] | None = None,
     figsize: tuple[float, float] | None = None,
+    colors: Sequence[str | None] | None = None,
 ) -> Figure:
     """A grid of images, as a matplotlib `Figure`.
 
@@ -168,6 +178,8 @@ def show_images(
         titles: one title per image, or None.
         figsize: the whole figure's `(width, height)` in inches. Default None: 2 inches an
             image.
+        colors: the colour of each title (a matplotlib colour, or None for the default), or
+            None: all in the default colour.
 
     Returns:
         The `Figure`, one axes per image (closed in pyplot: a notebook shows it once).
@@ -177,7 +189,7 @@ def show_images(
         >>> fig = show_images(xb[:8], ncols=4, titles=[str(int(y)) for y in yb[:8]])
         >>> fig.savefig("batch.png")  # doctest: +SKIP
     """
-    return _show(_as_images(ims), titles, None, nrows, ncols, figsize)
+    return _show(_as_images(ims), titles, colors, nrows, ncols, figsize)
 
 
 # --- what the learner sees and says ----------------------------------------------------------
@@ -187,18 +199,80 @@ def _classes(learn: BaseLearner, classes: Sequence[str] | None) -> Sequence[str]
     return classes if classes is not None else getattr(learn.dls, "classes", None)
 
 
-def _name(label: Tensor, classes: Sequence[str] | None) -> str:
-    """A label as text: its class name, the number, or a rounded value."""
-    if label.numel() != 1:
-        return ""
-    if label.is_floating_point():
-        return f"{label.item():.3g}"
-    i = int(label.item())
+def _number(value: float) -> str:
+    """A regression target or prediction in a title: 2 decimals, or 3 significant digits for
+    values too small or too large for them."""
+    return f"{value:.2f}" if value == 0 or 0.01 <= abs(value) < 1e4 else f"{value:.3g}"
+
+
+def _class_name(i: int, classes: Sequence[str] | None) -> str:
     if classes is None:
         return str(i)
     if not 0 <= i < len(classes):
         raise ValueError(f"label {i} has no name: classes has {len(classes)} ({list(classes)}).")
     return classes[i]
+
+
+def label_text(label: Tensor, classes: Sequence[str] | None = None) -> str:
+    """One item's label as a title: a class's name, a number, or the names of several labels.
+
+    An integer label is a class: its name in `classes`, or its number. A float is a value
+    (regression): 2 decimals. A vector of 0s and 1s that is bool or holds 2 or more values is a
+    multi-label target: the names of its 1s joined by ";" ("(none)" when there are none).
+    Anything else (an image target, say) reads as "".
+
+    Args:
+        label: one item's label, a tensor.
+        classes: the name of each class, or None: the numbers.
+
+    Examples:
+        >>> label_text(torch.tensor(2), ["ant", "bee", "cat"])
+        'cat'
+        >>> label_text(torch.tensor([1.0, 0.0, 1.0]), ["ant", "bee", "cat"])
+        'ant;cat'
+        >>> label_text(torch.tensor(3.2))
+        '3.20'
+    """
+    if label.ndim == 1 and (label.dtype == torch.bool or label.numel() > 1):
+        if bool(((label == 0) | (label == 1)).all()):
+            names = [_class_name(int(i), classes) for i in label.nonzero().flatten()]
+            return ";".join(names) if names else "(none)"
+        return ""
+    if label.numel() != 1:
+        return ""
+    if label.is_floating_point():
+        return _number(float(label.item()))
+    return _class_name(int(label.item()), classes)
+
+
+def image_input(inputs: Inputs, caller: str) -> Tensor:
+    """The images of a batch: the first of its positional `inputs`, as `BatchFormat.split`
+    gives them (`learn.batch_format.split(batch)[0]`).
+
+    Args:
+        inputs: a batch's inputs, a tuple of positional ones or a dict of keyword ones.
+        caller: the function that wants them, to name it in an error.
+
+    Raises:
+        ValueError: the inputs are keyword arguments (a dict), or hold no tensor first.
+
+    Examples:
+        >>> fmt = BatchFormat(inputs="image", targets="label")
+        >>> image_input(fmt.split({"image": x, "label": y})[0], "show_batch") is x
+        True
+    """
+    if isinstance(inputs, Mapping):
+        raise ValueError(
+            f"{caller} shows image inputs: the first positional input of each batch. This "
+            f"batch's inputs are keyword arguments {list(inputs)}; for a dict batch name its "
+            "image key: Learner(..., batch_format=BatchFormat(inputs='image', targets='label'))."
+        )
+    if not inputs or not isinstance(inputs[0], Tensor):
+        raise ValueError(
+            f"{caller} shows image inputs: the first positional input of each batch, a tensor; "
+            f"got the inputs {describe(inputs)}."
+        )
+    return inputs[0]
 
 
 def _loader(learn: BaseLearner, dl: Any, split: str, caller: str) -> Any:
@@ -277,6 +351,11 @@ def show_batch(
     states are put back, so a seeded run afterwards is the one it would have been. Images are
     shown as `show_images` does (normalised ones rescaled).
 
+    The images are the batch's first positional input and the titles its targets, as the
+    learner's `batch_format` splits the batch (`image_input`; `label_text` writes each label;
+    several targets are joined by ", "). A dict batch of keyword inputs has no image input to
+    show: name its image key with `BatchFormat(inputs="image")`.
+
     Args:
         learn: the Learner.
         max_n: show at most this many images of the batch. Default 9.
@@ -296,133 +375,11 @@ def show_batch(
     if dl is None:
         _loader(learn, None, "train", "show_batch")  # a clear error if there is none
     batch = _training_batch(learn, dl)
-    x = batch[0][:max_n]
-    titles = None
-    if isinstance(batch, (list, tuple)) and len(batch) > 1 and isinstance(batch[1], Tensor):
-        titles = [_name(y, classes) for y in batch[1][: len(x)]]
-    return show_images(x, titles=titles)
-
-
-def _first_items(dl: Iterable[Any], n: int) -> list[Any]:
-    """The first batches of `dl`, enough to hold `n` items."""
-    batches, count = [], 0
-    for batch in dl:
-        batches.append(batch)
-        count += len(batch[0])
-        if count >= n:
-            break
-    return batches
-
-
-def show_results(
-    learn: BaseLearner, max_n: int = 9, dl: Any = None, classes: Sequence[str] | None = None
-) -> Figure:
-    """The first validation images, each titled "target / prediction", mistakes in red.
-
-    The predictions are `get_preds`'s, over as many batches of `dl` as `max_n` images need: the
-    model in eval mode, no callback run (so a transform in a `BatchTransformCB` is not applied:
-    see `get_preds`). The random states are put back afterwards.
-
-    Args:
-        learn: the Learner (a classifier: its outputs are `(N, n_classes)`; the prediction is
-            the largest).
-        max_n: show at most this many images. Default 9.
-        dl: the loader. Default None: `dls.valid`.
-        classes: the name of each label. Default None: `dls.classes`, else the numbers.
-
-    Returns:
-        A `Figure`, one axes per image.
-
-    Examples:
-        >>> learn.fit(3)
-        >>> learn.show_results()  # in a notebook: shown inline
-    """
-    classes = _classes(learn, classes)
-    dl = _loader(learn, dl, "valid", "show_results")
-    with kept_state(learn, rng=True):
-        batches = _first_items(dl, max_n)
-        preds, targets = get_preds(learn, batches)
-    if not isinstance(preds, Tensor) or preds.ndim != 2:
-        shape = tuple(preds.shape) if isinstance(preds, Tensor) else type(preds).__name__
-        raise ValueError(
-            f"show_results shows a classifier's results: outputs (N, n_classes); got {shape}."
-        )
-    x = torch.cat([b[0].detach().cpu() for b in batches])[:max_n]
-    predicted, targets = preds.argmax(1)[:max_n], targets[:max_n]
-    titles = [f"{_name(t, classes)} / {_name(p, classes)}" for t, p in zip(targets, predicted)]
-    colors = [None if bool(t == p) else "red" for t, p in zip(targets, predicted)]
-    return _show(_as_images(x), titles, colors)
-
-
-# --- test-time augmentation -------------------------------------------------------------------
-
-
-class _TransformedX:
-    """`dl`'s batches moved to `device`, with `tfm` applied to each batch's input."""
-
-    def __init__(self, dl: Iterable[Any], tfm: Callable[[Tensor], Tensor], device: Any) -> None:
-        self.dl, self.tfm, self.device = dl, tfm, device
-
-    def __iter__(self) -> Iterator[tuple[Any, ...]]:
-        for batch in self.dl:
-            x, *rest = to_device(batch, self.device)
-            yield (self.tfm(x), *rest)
-
-
-def tta(
-    learn: BaseLearner,
-    tfms: Callable[[Tensor], Tensor] | Iterable[Callable[[Tensor], Tensor]],
-    dl: Any = None,
-    activation: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Test-time augmentation: the model's outputs averaged over the inputs as they are and
-    transformed by each of `tfms`.
-
-    Each view is a `get_preds` pass over `dl` (eval mode, no callback run), with the transform
-    applied to each batch's input `x` on the model's device, so `dl` must give the same items in
-    the same order in each pass (not shuffled); random transforms draw new numbers in each view.
-    What is averaged is the model's raw outputs (for a classifier, its logits, as `get_preds`
-    returns them): with no transforms the result is exactly `get_preds`'s, and `argmax`,
-    `interpret` or a softmax apply to it as to `get_preds`'s. fastai averages probabilities
-    instead: pass `activation=lambda p: p.softmax(1)` for that. The random states are put back
-    afterwards.
-
-    Args:
-        learn: the Learner.
-        tfms: a function of a batch's input, or several (e.g. a horizontal flip,
-            `lambda x: x.flip(-1)`); each adds one view to the identity.
-        dl: the loader. Default None: `dls.valid`.
-        activation: applied to each view's outputs before averaging. Default None: none.
-
-    Returns:
-        `(preds, targets)` on the CPU: the mean over the `1 + len(tfms)` views, and the targets.
-
-    Examples:
-        >>> preds, targets = learn.tta([lambda x: x.flip(-1)])
-        >>> (preds.argmax(1) == targets).float().mean()
-    """
-    views = [tfms] if callable(tfms) else list(tfms)
-    for tfm in views:
-        if not callable(tfm):
-            raise TypeError(f"tta: tfms are functions of a batch's input x, got {tfm!r}.")
-    dl = _loader(learn, dl, "valid", "tta")
-    device = model_device(learn.model)
-    with kept_state(learn, rng=True):
-        preds, targets = get_preds(learn, dl)
-        outs = [preds]
-        for tfm in views:
-            out, view_targets = get_preds(learn, _TransformedX(dl, tfm, device))
-            if not torch.equal(view_targets, targets):
-                raise ValueError(
-                    "tta: dl gave other items in another pass (is it shuffled?); pass a loader "
-                    "that gives the same items in the same order each time, such as dls.valid."
-                )
-            outs.append(out)
-    if not isinstance(preds, Tensor):
-        raise TypeError(f"tta averages tensors; the model returns {type(preds).__name__}.")
-    if activation is not None:
-        outs = [activation(out) for out in outs]
-    total = outs[0]
-    for out in outs[1:]:
-        total = total + out
-    return total / len(outs), targets
+    inputs, targets = learn.batch_format.split(batch)
+    x = image_input(inputs, "show_batch")[:max_n]
+    # Targets with a label per item title the images; a lone number (a batch weight) does not.
+    labels = [y for y in targets if isinstance(y, Tensor) and y.ndim > 0 and len(y) >= len(x)]
+    if not labels:
+        return show_images(x)
+    texts = [[label_text(y[i], classes) for y in labels] for i in range(len(x))]
+    return show_images(x, titles=[", ".join(t for t in item if t) for item in texts])

@@ -28,8 +28,9 @@ from learner.data import (
     mnist,
 )
 from learner.inference import get_preds
+from learner.results import show_results, tta
 from learner.utils import model_device
-from learner.vision import show_batch, show_images, show_results, tta
+from learner.vision import show_batch, show_images
 
 CLASSES = ("ant", "bee", "cat")
 ROOT = Path(__file__).parent.parent
