@@ -2,8 +2,9 @@
 tiny budget, and the quickstart notebook executed headless.
 
 The MNIST examples read `$LEARNER_DATA/MNIST/raw/` and are skipped when it is unset or lacks the
-files; the rest need no download. Torch runs single-threaded in the children: the models are tiny,
-and spare threads only spin when the tests share the machine.
+files; the text example is skipped without transformers and tokenizers; the rest need no
+download. Torch runs single-threaded in the children: the models are tiny, and spare threads only
+spin when the tests share the machine.
 """
 
 from __future__ import annotations
@@ -172,6 +173,32 @@ def test_custom_callback() -> None:
     assert "cleanup_fit: runs however fit ends" in out
     assert "after_fit: not reached" not in out
     check_table(out, 1)  # the cancelled second epoch has no row
+
+
+def test_text_classification() -> None:
+    pytest.importorskip("transformers", reason="the example needs transformers ('.[text]')")
+    pytest.importorskip("tokenizers", reason="the example needs tokenizers ('.[text]')")
+    out = run("text_classification.py", "--epochs", 2, HF_HUB_OFFLINE="1").stdout
+    check_table(out, 2)
+    assert final_accuracy(out) > 0.9
+    assert "'the music was truly gripping': positive" in out
+    assert "'the ending was not funny if you ask me': negative" in out
+
+
+def test_text_classification_without_transformers_says_what_to_install(tmp_path: Path) -> None:
+    # A `transformers` module that fails to import, found before any installed one.
+    (tmp_path / "transformers.py").write_text("raise ModuleNotFoundError('no transformers')")
+    path = os.environ.get("PYTHONPATH")
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "text_classification.py")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), path]))},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "needs transformers and tokenizers" in proc.stderr and ".[text]" in proc.stderr
 
 
 def _run_notebook(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
