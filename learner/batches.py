@@ -116,9 +116,6 @@ class BatchFormat:
     def split(self, batch: Any, to_model: bool = False) -> tuple[Inputs, tuple[Any, ...]]:
         """`(inputs, targets)` of `batch`; with `to_model` (the model computes its own loss) the
         inputs are the whole batch, targets included."""
-        if type(batch) is tuple and self.custom_split is None:  # the usual (x, y): no more checks
-            n = len(batch) if to_model else self.n_inp
-            return batch[:n], batch[n:]
         if self.custom_split is not None:
             inputs, targets = self.custom_split(batch)
             if isinstance(inputs, Mapping):
@@ -130,11 +127,11 @@ class BatchFormat:
                     f"{type(targets).__name__})."
                 )
             return inputs, targets
-        if isinstance(batch, Mapping):
-            return self._split_dict(batch, to_model)
-        if isinstance(batch, (tuple, list)):
+        if isinstance(batch, (tuple, list)):  # the usual (x, y) first: no ABC check for it
             n = len(batch) if to_model else self.n_inp
             return tuple(batch[:n]), tuple(batch[n:])
+        if isinstance(batch, Mapping):
+            return self._split_dict(batch, to_model)
         return (batch,), ()
 
     def _split_dict(
@@ -157,8 +154,6 @@ class BatchFormat:
 
     def preds(self, output: Any) -> Any:
         """What the loss, metrics and predictions see of the model's `output`."""
-        if type(output) is torch.Tensor and self.custom_preds is None:  # the usual: no more checks
-            return output
         if self.custom_preds is not None:
             return self.custom_preds(output)
         if isinstance(output, torch.Tensor) or type(output) in _PLAIN:
@@ -246,13 +241,10 @@ def item_count(obj: Any) -> int:
     return len(obj)
 
 
-def batch_size(batch: Any) -> int:
-    """The number of samples in a batch: the length of its targets `batch[1]` for the usual
-    `(x, y)`, else of its first tensor (a dict's first value: `input_ids` for a Hugging Face
-    batch)."""
-    try:
-        return int(batch[1].shape[0])  # the usual (x, y) batch of tensors
-    except (AttributeError, IndexError, KeyError, TypeError):
-        if isinstance(batch, (tuple, list)) and len(batch) > 1:
-            return item_count(batch[1])
-        return item_count(batch)
+def batch_size(xb: Inputs, yb: tuple[Any, ...]) -> int:
+    """The number of samples in a batch split into inputs `xb` and targets `yb`: the length of
+    its first target (the usual `(x, y)`: `len(y)`), or without targets of its first input (a
+    dict's first value: `input_ids` for a Hugging Face batch without labels)."""
+    if yb and isinstance(yb[0], torch.Tensor) and yb[0].ndim:
+        return int(yb[0].shape[0])
+    return item_count(yb or xb)

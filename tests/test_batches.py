@@ -16,6 +16,7 @@ from torch import nn
 from learner import (
     BatchFormat,
     Callback,
+    GradAccumCB,
     Learner,
     MetricsCB,
     accuracy,
@@ -380,3 +381,18 @@ def test_mixed_precision_gives_metrics_full_precision_fields() -> None:
     learn = Learner(TupleModel(), make_dls(), tuple_loss, cbs=[MixedPrecisionCB(), SeeCB()])
     learn.fit(1)
     assert seen and set(seen) == {torch.float32}
+
+
+def test_a_batch_of_its_own_structure_is_weighted_by_its_split() -> None:
+    # MetricsCB and GradAccumCB count a batch's samples from its split, whatever the batch is.
+    x, y = make_data(20)
+    items = [SimpleNamespace(x=x[i : i + 8], y=y[i : i + 8]) for i in (0, 8, 16)]  # 8, 8, 4
+    fmt = BatchFormat(split=lambda b: ((b.x,), (b.y,)))
+    learn = Learner(
+        make_model(), SimpleNamespace(train=items, valid=items), F.cross_entropy, lr=0.1,
+        batch_format=fmt, cbs=GradAccumCB(2),
+    )  # fmt: skip
+    learn.fit(1)
+    with torch.no_grad():
+        want = F.cross_entropy(learn.model(x), y).item()
+    assert learn.recorder.history[-1]["valid_loss"] == pytest.approx(want, abs=1e-6)

@@ -96,7 +96,7 @@ class GradAccumCB(Callback):
         return count >= self.n_batches or learn.iter >= len(learn.dl) - 1
 
     def before_backward(self, learn: BaseLearner) -> None:
-        bs = batch_size(learn.batch)
+        bs = batch_size(learn.xb, learn.yb)
         if self.count == 0:
             self.full = self.n_batches * bs
         self.count += 1

@@ -199,7 +199,7 @@ class MetricsCB(Callback):
         return sum(self.counts)
 
     def after_batch(self, learn: BaseLearner) -> None:
-        bs = batch_size(learn.batch)
+        bs = batch_size(learn.xb, learn.yb)
         self.counts.append(bs)
         loss = learn.loss  # a training loss is detached by the Learner once the step is done
         self.batch_values["loss"].append(loss.detach() if loss.requires_grad else loss)
@@ -271,30 +271,21 @@ class MetricsCB(Callback):
             sums = per_batch @ weights
         else:  # no batch here, but under DDP this rank still takes part in the sum below
             sums = torch.zeros(len(self.batch_values), dtype=dtype, device=device)
-        # The logged values' weighted sums and counts, by name (the same names on every rank).
+        # Each logged value's weighted sum and sample count (the same names on every rank).
         logged = sorted(self.logged)
-        extra = [
-            torch.stack(self.logged[n][0]).to(device=device, dtype=dtype)
-            @ torch.tensor(self.logged[n][1], dtype=dtype, device=device)
-            for n in logged
-        ]
-        extra += [
-            torch.tensor(float(sum(self.logged[n][1])), dtype=dtype, device=device) for n in logged
-        ]
-        # The weighted sums and the sample count of every rank, added in one collective (a no-op
+        extra = []
+        for name in logged:
+            values, sizes = self.logged[name]
+            w = torch.tensor(sizes, dtype=dtype, device=device)
+            extra.append(torch.stack([torch.stack(values).to(device, dtype) @ w, w.sum()]))
+        # The weighted sums and the sample counts of every rank, added in one collective (a no-op
         # on one process), then read on the host once for every value of the phase.
-        both = torch.cat(
-            [sums, weights.sum().reshape(1), torch.stack(extra).reshape(-1) if extra else sums[:0]]
-        )
-        reduced = all_reduce_sum(both).tolist()
+        reduced = all_reduce_sum(torch.cat([sums, weights.sum().reshape(1), *extra])).tolist()
         *totals, count = reduced[: len(sums) + 1]
-        logged_sums, logged_counts = (
-            reduced[len(sums) + 1 :][: len(logged)],
-            reduced[len(sums) + 1 :][len(logged) :],
-        )
+        pairs = reduced[len(sums) + 1 :]
         logged_values = {
-            n: total / c if c else math.nan
-            for n, total, c in zip(logged, logged_sums, logged_counts)
+            name: total / n if n else math.nan
+            for name, total, n in zip(logged, pairs[0::2], pairs[1::2])
         }
         if count == 0:
             return {**dict.fromkeys(names, math.nan), **logged_values}
