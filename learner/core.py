@@ -299,7 +299,7 @@ class BaseLearner(CallbackList):
     def _do_batch(self) -> None:
         if self.logged:  # what the previous batch logged
             self.logged = {}
-        self.xb, self.yb = self.batch_format.split(self.batch, self.loss_func is None)
+        self.split_batch()
         try:
             self.predict()
         except Exception as e:
@@ -349,7 +349,7 @@ class BaseLearner(CallbackList):
     def split_batch(self) -> None:
         """`self.xb, self.yb`: the inputs and targets of `self.batch`, by `self.batch_format`.
 
-        The loop does this after `before_batch`; code that runs `predict` outside the loop
+        The loop calls it after `before_batch`; code that runs `predict` outside the loop
         (`get_preds`, `infer`) calls it after setting `batch`. The model computing its own loss
         (`loss_func=None`) gets the targets in `xb` too.
         """
