@@ -96,6 +96,18 @@ class StubScaler:
         self.factor = state["factor"]
 
 
+def same(a: Any, b: Any) -> bool:
+    """Whether `a` and `b` are equal to the last bit, through dicts, lists and tuples of tensors
+    and plain values (sequences of the same type)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    return bool(a == b)
+
+
 HOST_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
 

@@ -24,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from learner import Callback, CancelFitException, DataLoaders, Learner, accuracy
+from learner import DataLoaders, Learner, accuracy
 
 N_EPOCHS = 4
 N_TRAIN, N_VALID, BS = 312, 64, 16  # 20 training batches, the last of 8; 4 validation
@@ -127,19 +127,6 @@ def results(learn: Learner) -> dict[str, Any]:
         "history": [dict(row) for row in learn.recorder.history],
         "weights": {k: v.clone() for k, v in learn.model.state_dict().items()},
     }
-
-
-class StopAt(Callback):
-    """Ends the fit (CancelFitException) before training batch `iter` of epoch `epoch`."""
-
-    order = 70
-
-    def __init__(self, epoch: int, iter: int) -> None:
-        self.epoch, self.iter = epoch, iter
-
-    def before_batch(self, learn: Learner) -> None:
-        if learn.training and (learn.epoch, learn.iter) == (self.epoch, self.iter):
-            raise CancelFitException()
 
 
 def main(out: str, jobs: list[str]) -> None:

@@ -9,11 +9,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import same
+from resume_run import StopAt
 from torch import nn
 
 from learner import (
     Callback,
-    CancelFitException,
     CheckpointCB,
     DataLoaders,
     Learner,
@@ -89,17 +90,6 @@ def make_learner(seed: int = 0) -> Learner:
     return Learner(gan, dls, None, lr=0.01, opt_func=opt_func(gan), cbs=GANStepCB())
 
 
-class StopAt(Callback):
-    order = 70
-
-    def __init__(self, epoch: int, iter: int) -> None:
-        self.epoch, self.iter = epoch, iter
-
-    def before_batch(self, learn: Any) -> None:
-        if learn.training and (learn.epoch, learn.iter) == (self.epoch, self.iter):
-            raise CancelFitException()
-
-
 def _state(learn: Learner) -> dict[str, Any]:
     return {
         "weights": {k: v.clone() for k, v in learn.model.state_dict().items()},
@@ -108,16 +98,6 @@ def _state(learn: Learner) -> dict[str, Any]:
         "logged": learn.recorder.logged,
         "history": learn.recorder.history,
     }
-
-
-def _equal(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    return bool(a == b)
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +166,8 @@ def test_save_and_load_keep_every_optimizer_bitwise(tmp_path: Path) -> None:
     learn.save(tmp_path / "gan.pt")
     other = make_learner(seed=5)
     other.load(tmp_path / "gan.pt")
-    assert _equal(other.model.state_dict(), learn.model.state_dict())
-    assert _equal(other.opt.state_dict(), learn.opt.state_dict())
+    assert same(other.model.state_dict(), learn.model.state_dict())
+    assert same(other.opt.state_dict(), learn.opt.state_dict())
 
     # A learner with one optimizer cannot take two, and says so before changing anything.
     class OneOptimizerCB(GANStepCB):
@@ -202,12 +182,12 @@ def test_save_and_load_keep_every_optimizer_bitwise(tmp_path: Path) -> None:
         match=r"is several optimizers' \(g, d\), and the learner's optimizers are one AdamW",
     ):
         single.load(tmp_path / "gan.pt")
-    assert _equal(single.model.state_dict(), before)
+    assert same(single.model.state_dict(), before)
     single.save(tmp_path / "single.pt")
     with pytest.raises(ValueError, match=r"is one AdamW's, and the learner's optimizers are sev"):
         learn.load(tmp_path / "single.pt")
     single.load(tmp_path / "gan.pt", with_opt=False)  # the weights alone load
-    assert _equal(single.model.state_dict(), learn.model.state_dict())
+    assert same(single.model.state_dict(), learn.model.state_dict())
 
 
 def test_a_mid_epoch_resume_equals_the_uninterrupted_run(
@@ -221,4 +201,4 @@ def test_a_mid_epoch_resume_equals_the_uninterrupted_run(
     torch.manual_seed(1234)  # another global random state: the checkpoint's comes back
     second = make_learner(seed=7)
     second.fit(N_EPOCHS, resume_from=path)
-    assert _equal(_state(second), whole)
+    assert same(_state(second), whole)

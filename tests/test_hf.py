@@ -29,7 +29,6 @@ from hf_run import (
     CONFIGS,
     N_EPOCHS,
     N_VALID,
-    StopAt,
     Task,
     make_dls,
     make_learner,
@@ -37,6 +36,7 @@ from hf_run import (
     results,
     task,
 )
+from resume_run import StopAt
 from torch import nn
 
 from learner import CheckpointCB, Learner, accuracy

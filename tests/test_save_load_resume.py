@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_data, make_model
+from conftest import make_data, make_model, same
 from resume_run import StopAt, fit, make_learner, results
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -377,20 +377,10 @@ class Snapshot:
         opt = learn.opt.state_dict() if learn.opt is not None else None
         return (
             all(torch.equal(weights[k], v) for k, v in self.weights.items())
-            and _same(opt, self.opt)
+            and same(opt, self.opt)
             and learn.recorder.losses == self.losses
             and torch.equal(torch.get_rng_state(), self.rng)
         )
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
-    return bool(a == b)
 
 
 def _other(tiny: dict[str, Any], **kwargs: Any) -> Learner:
