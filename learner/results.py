@@ -36,7 +36,7 @@ from learner.inference import get_preds
 from learner.plotting import new_figure
 from learner.snapshot import kept_state
 from learner.utils import model_device, to_device
-from learner.vision import image_input, label_text, show_images
+from learner.vision import image_input, label_text, pick_loader, show_images
 
 __all__ = ["show_results", "tta"]
 
@@ -47,15 +47,6 @@ _KINDS = (
     "image to image: predictions and targets images of one shape, (N, C, H, W) with C 1 or 3, "
     "or (N, H, W)",
 )
-
-
-def _valid_loader(learn: BaseLearner, dl: Any, caller: str) -> Any:
-    if dl is not None:
-        return dl
-    dl = getattr(learn.dls, "valid", None)
-    if dl is None:
-        raise ValueError(f"{caller}: dls has no valid loader; pass one: {caller}(dl=...).")
-    return dl
 
 
 def _first_items(learn: BaseLearner, dl: Iterable[Any], n: int) -> list[Any]:
@@ -231,7 +222,7 @@ def show_results(
     """
     check_int("show_results max_n", max_n, 1)
     classes = classes if classes is not None else getattr(learn.dls, "classes", None)
-    dl = _valid_loader(learn, dl, "show_results")
+    dl = pick_loader(learn, dl, "valid", "show_results")
     with kept_state(learn, rng=True):
         batches = _first_items(learn, dl, max_n)
         if not batches:
@@ -378,7 +369,7 @@ def tta(
     for tfm in views:
         if not callable(tfm):
             raise TypeError(f"tta: tfms are functions of a batch's input x, got {tfm!r}.")
-    dl = _valid_loader(learn, dl, "tta")
+    dl = pick_loader(learn, dl, "valid", "tta")
     device = model_device(learn.model)
     with kept_state(learn, rng=True):
         preds, targets = get_preds(learn, dl)

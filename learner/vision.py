@@ -34,7 +34,7 @@ from learner.events import Callback
 from learner.plotting import new_figure
 from learner.snapshot import side_run
 
-__all__ = ["image_input", "label_text", "show_batch", "show_images"]
+__all__ = ["image_input", "label_text", "pick_loader", "show_batch", "show_images"]
 
 _INCHES = 2.0  # the side of one image in a grid, by default
 
@@ -275,7 +275,13 @@ def image_input(inputs: Inputs, caller: str) -> Tensor:
     return inputs[0]
 
 
-def _loader(learn: BaseLearner, dl: Any, split: str, caller: str) -> Any:
+def pick_loader(learn: BaseLearner, dl: Any, split: str, caller: str) -> Any:
+    """`dl` if given, else `learn.dls.<split>`; a ValueError naming `caller` if there is none.
+
+    Examples:
+        >>> pick_loader(learn, None, "valid", "show_results") is learn.dls.valid
+        True
+    """
     if dl is not None:
         return dl
     dl = getattr(learn.dls, split, None)
@@ -373,7 +379,7 @@ def show_batch(
     """
     classes = _classes(learn, classes)
     if dl is None:
-        _loader(learn, None, "train", "show_batch")  # a clear error if there is none
+        pick_loader(learn, None, "train", "show_batch")  # a clear error if there is none
     batch = _training_batch(learn, dl)
     inputs, targets = learn.batch_format.split(batch)
     x = image_input(inputs, "show_batch")[:max_n]
