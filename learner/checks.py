@@ -114,7 +114,11 @@ def check_dls(dls: Any) -> None:
 
 
 def check_not_empty(dl: Any, name: str) -> None:
-    if hasattr(dl, "__len__") and len(dl) == 0:
+    try:
+        n = len(dl)
+    except TypeError:  # no length (a stream), or one that cannot tell (an IterableDataset's)
+        return
+    if n == 0:
         raise ValueError(
             f"{name} is empty (len 0): check its dataset size, batch size and drop_last."
         )
@@ -133,19 +137,21 @@ def param_groups(opt: Any, owner: str) -> list[dict[str, Any]]:
     return groups
 
 
-def check_loaders(dls: Any, train: bool, valid: bool) -> None:
+def check_loaders(dls: Any, train: bool, valid: bool, one_shot_train: bool = False) -> None:
     """What `fit` checks of the loaders it will run, before anything runs: each is iterable
-    again (not a one-shot iterator, which the first epoch, or `lr_find`, would use up) and not
-    empty when it has a length."""
+    again (not a one-shot iterator, which the first epoch, or `lr_find`, would use up; except
+    the training loader with `one_shot_train`, a fit budgeted in steps) and not empty when it
+    has a length."""
     for name, used in (("train", train), ("valid", valid)):
         dl = getattr(dls, name, None)
         if not used or dl is None:
             continue
-        if isinstance(dl, Iterator):
+        if isinstance(dl, Iterator) and not (name == "train" and one_shot_train):
+            hint = ", or train on it for a budget of steps: fit(steps=...)" * (name == "train")
             raise ValueError(
                 f"dls.{name} is a one-shot iterator ({type(dl).__name__}): the first pass would "
                 "use it up, and the next epoch (or validation, lr_find, get_preds) would see no "
                 "batch. Pass something iterable again: a DataLoader, a list of batches, or an "
-                "object whose __iter__ makes a new generator each time."
+                f"object whose __iter__ makes a new generator each time{hint}."
             )
         check_not_empty(dl, f"dls.{name}")

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from learner.batches import BatchFormat, Inputs
-from learner.checks import add_note_once, check_dls, check_int, check_loaders, check_lr, describe
+from learner.checks import add_note_once, check_dls, check_loaders, check_lr, describe
 from learner.events import EVENTS, Callback, CallbackList, as_cbs
 from learner.optimizers import as_optimizer
+from learner.steps import TrainStream, budget_epochs, segment
 from learner.utils import set_lr
 
 __all__ = [
@@ -99,9 +100,16 @@ class BaseLearner(CallbackList):
       across processes (True); a callback that steps only every few batches (`GradAccumCB`)
       clears it at `before_batch` for the others, and `DistributedCB` (DDP) skips their
       all-reduce.
-    - `start_epoch`, `start_iter`: where this fit starts; 0 and 0 except on a resumed fit, which
-      starts mid-run (`start_iter` is the first training batch of the first epoch, and is 0 again
-      once that training phase is over). `resuming`: whether this fit continues a saved run.
+    - `start_epoch`, `start_iter`, `start_step`: where this fit starts; 0, 0 and 0 except on a
+      resumed fit, which starts mid-run (`start_iter` is the first training batch of the first
+      epoch, and is 0 again once that training phase is over; `start_step` the steps done).
+      `resuming`: whether this fit continues a saved run.
+    - `global_step`: optimizer steps taken by this learner in all its fits (counted right after
+      each `step`, before `after_step`; checkpoints keep it). `fit_step`: those of this fit (on
+      a resumed fit, of the run it continues).
+    - `n_steps`, `valid_every`: the budget of a fit in steps (`fit(steps=, valid_every=)`), None
+      for one in epochs. Its epochs are the stretches between validations, and `train_stream`
+      (a `learner.steps.TrainStream`, None otherwise) the training batches they draw from.
 
     Args:
         model: the `nn.Module` to train.
@@ -148,7 +156,11 @@ class BaseLearner(CallbackList):
         # A torch optimizer, or any object with step() and zero_grad() (the course's SGD class).
         self.opt: Any = None
         self.epoch, self.n_epochs, self.iter, self.training = 0, 0, 0, False
-        self.start_epoch, self.start_iter, self.resuming = 0, 0, False
+        self.start_epoch, self.start_iter, self.start_step, self.resuming = 0, 0, 0, False
+        self.global_step, self.fit_step = 0, 0
+        self.n_steps: int | None = None
+        self.valid_every: int | None = None
+        self.train_stream: TrainStream | None = None
         self.dl: Any = None
         self.batch: Any = None
         self.xb: Inputs = ()
@@ -190,27 +202,39 @@ class BaseLearner(CallbackList):
 
     def fit(
         self,
-        n_epochs: int = 1,
+        n_epochs: int | None = None,
         lr: float | None = None,
         cbs: Callback | Iterable[Callback] | None = None,
         train: bool = True,
         valid: bool = True,
+        *,
+        steps: int | None = None,
+        valid_every: int | None = None,
     ) -> None:
-        """Train for `n_epochs` epochs, each a training then a validation phase.
+        """Train for `n_epochs` epochs, each a training then a validation phase; or, with
+        `steps`, for that many optimizer steps, validating every `valid_every` of them and at
+        the end (see `learner.steps`).
 
         Args:
-            n_epochs: number of epochs (0 runs before_fit/after_fit only).
+            n_epochs: number of epochs (0 runs before_fit/after_fit only). Default 1, or none
+                with `steps`.
             lr: if given, sets the learning rate of the optimizer (kept across fits).
             cbs: callbacks for this call only (one, or an iterable); removed afterwards,
                 whatever happens.
             train: run the training phases.
             valid: run the validation phases (skipped anyway when `dls.valid` is absent).
+            steps: a budget in optimizer steps instead of epochs; the training loader then
+                needs no length, and may be a one-shot iterator.
+            valid_every: with `steps`, validate after every `valid_every` steps (and at the
+                end); None: at the end only.
         """
-        check_int("n_epochs", n_epochs, 0)
+        n_epochs = budget_epochs(n_epochs, steps, valid_every)
+        if steps is not None and not train:
+            raise ValueError("steps= is a training budget: fit(train=False) takes none.")
         if lr is not None:
             check_lr(lr)
         check_dls(self.dls)
-        check_loaders(self.dls, train, valid)
+        check_loaders(self.dls, train, valid, one_shot_train=steps is not None)
         cbs = as_cbs(cbs)
         if train and self.opt is None and not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(
@@ -233,9 +257,11 @@ class BaseLearner(CallbackList):
                 if self.opt is not None:
                     set_lr(self.opt, lr)
             self.n_epochs, self.run_train, self.run_valid = n_epochs, train, valid
+            self.n_steps, self.valid_every, self.fit_step = steps, valid_every, self.start_step
             self._with("fit", self._do_epochs, CancelFitException)
         finally:
             self.set_cbs(saved)
+            self.train_stream = None
 
     def _with(self, level: str, body: Callable[[], None], cancel: type[Exception]) -> None:
         # The one place that defines event semantics: before_, body, after_; a cancel of this
@@ -261,16 +287,26 @@ class BaseLearner(CallbackList):
         for epoch in range(self.start_epoch, self.n_epochs):
             self.epoch = epoch
             self._with("epoch", self._do_epoch, CancelEpochException)
+            if self.train_stream is not None and self.train_stream.ended:
+                break  # a one-shot iterator ran out (it warned): its last epoch validated
 
     def _do_epoch(self) -> None:
         if self.run_train:
             try:
-                self._phase(True, self.dls.train, "train", CancelTrainException)
+                dl = self.dls.train if self.n_steps is None else self._steps_of_epoch()
+                self._phase(True, dl, "train", CancelTrainException)
             finally:
                 self.start_iter = 0  # only the first training phase of a resumed fit starts late
         valid_dl = getattr(self.dls, "valid", None)
         if self.run_valid and valid_dl is not None:
             self._phase(False, valid_dl, "validate", CancelValidateException)
+
+    def _steps_of_epoch(self) -> Iterable[Any]:
+        assert self.n_steps is not None
+        if self.train_stream is None:  # made here, once before_fit has set the loaders up
+            self.train_stream = TrainStream(self.dls.train, self.dls)
+        end = segment(self.epoch, self.n_steps, self.valid_every)[1]
+        return self.train_stream.until(lambda: self.fit_step >= end)
 
     def _phase(
         self, training: bool, dl: Iterable[Any], level: str, cancel: type[Exception]
@@ -335,6 +371,8 @@ class BaseLearner(CallbackList):
             self.callback("after_backward")
             self.callback("before_step")
             self.step()
+            self.global_step += 1
+            self.fit_step += 1
             self.callback("after_step")
             self.zero_grad()
         except CancelStepException:

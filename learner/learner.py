@@ -26,6 +26,7 @@ from learner.inspect import show_training_loop, summary
 from learner.interpret import interpret
 from learner.results import show_results, tta
 from learner.saving import load, save
+from learner.steps import budget_epochs
 from learner.vision import show_batch
 
 __all__ = ["Learner"]
@@ -88,18 +89,24 @@ class Learner(BaseLearner):
 
     def fit(
         self,
-        n_epochs: int = 1,
+        n_epochs: int | None = None,
         lr: float | None = None,
         cbs: Callback | Iterable[Callback] | None = None,
         train: bool = True,
         valid: bool = True,
         resume_from: str | os.PathLike[str] | None = None,
+        *,
+        steps: int | None = None,
+        valid_every: int | None = None,
     ) -> None:
-        """Train for `n_epochs` epochs, each a training then a validation phase.
+        """Train for `n_epochs` epochs, each a training then a validation phase; or, with
+        `steps`, for that many optimizer steps, validating every `valid_every` of them and at
+        the end (see `learner.steps`).
 
         Args:
             n_epochs: number of epochs (0 runs before_fit/after_fit only); when resuming, the
-                total of the run, as in the fit that wrote the checkpoint.
+                total of the run, as in the fit that wrote the checkpoint. Default 1, or none
+                with `steps`.
             lr: if given, sets the learning rate of the optimizer (kept across fits).
             cbs: callbacks for this call only (one, or an iterable); removed afterwards,
                 whatever happens.
@@ -107,26 +114,38 @@ class Learner(BaseLearner):
             valid: run the validation phases (skipped anyway when `dls.valid` is absent).
             resume_from: a checkpoint (`learn.save`, `CheckpointCB`) whose run this fit
                 continues exactly where it stopped: see `learner.callbacks.resume.ResumeCB`.
+            steps: a budget in optimizer steps instead of epochs (when resuming, the run's
+                total); the training loader then needs no length, and may be a one-shot
+                iterator.
+            valid_every: with `steps`, validate after every `valid_every` steps (and at the
+                end); None: at the end only.
+
+        Examples:
+            >>> learn.fit(3)
+            >>> learn.fit(steps=300, valid_every=100)  # on a stream too
+            >>> learn.global_step, [row["step"] for row in learn.recorder.history]
         """
+        budget = {"steps": steps, "valid_every": valid_every}
         if resume_from is None:
-            super().fit(n_epochs, lr, cbs, train, valid)
+            super().fit(n_epochs, lr, cbs, train, valid, **budget)
             return
         if lr is not None:
             raise ValueError(
                 "fit(resume_from=...) continues the saved run, learning rates included: "
                 "leave out lr=."
             )
+        n = budget_epochs(n_epochs, steps, valid_every)
         cbs = as_cbs(cbs)
         resume = ResumeCB(self, resume_from)  # reads and checks the file now
         if train and self.opt is None and self.lr is None:
             # Learner(lr=None): the optimizer the check made, at the saved rate, gets its state.
             self.opt = resume.opt
         try:
-            self.start_epoch, self.start_iter = resume.start(n_epochs)
+            self.start_epoch, self.start_iter, self.start_step = resume.start(n, steps, valid_every)
             self.resuming = True
-            super().fit(n_epochs, None, [*cbs, resume], train, valid)
+            super().fit(n_epochs, None, [*cbs, resume], train, valid, **budget)
         finally:
-            self.start_epoch, self.start_iter, self.resuming = 0, 0, False
+            self.start_epoch, self.start_iter, self.start_step, self.resuming = 0, 0, 0, False
 
     save = save
     load = load

@@ -15,6 +15,10 @@ with `torch.load(path, weights_only=True)`: a file from an untrusted source cann
   are the first `k` training batches of epoch `e`. Mid-epoch (`k > 0`) also `"train_loader":
   {"bs", "n", "batches"}`, what the training loader told of its batch size, number of samples and
   of batches (None where it does not tell): what the position in the epoch depends on.
+  `"global_step"`: the learner's optimizer steps. A fit budgeted in steps (`learner.steps`) adds
+  `"step"`, `"n_steps"`, `"valid_every"` and, during the fit, `"stream"`: `{"passes",
+  "pass_iter", "loader"}`, the position in the training loader (its own `state_dict()` where it
+  has one); `epoch_rng` then holds the random states the current pass started from.
 - `rng`: the Python, NumPy, torch (and CUDA) random states and those of the loaders'
   generators now; `epoch_rng`: those the current epoch's shuffle was drawn from (mid-epoch only).
 - `ranks`: `{"world_size": N, "states": [...]}`: the number of processes that wrote it, and for
@@ -90,6 +94,7 @@ __all__ = [
     "for_this_rank",
     "load",
     "loader_shape",
+    "mid_pass",
     "read_checkpoint",
     "restore",
     "save",
@@ -324,7 +329,12 @@ def _contents(
             "or save the weights alone: torch.save(learn.model.state_dict(), path)."
         )
     position: dict[str, Any] = {**progress, "n_epochs": learn.n_epochs}
-    if position["iter"]:
+    position["global_step"] = learn.global_step
+    if learn.n_steps is not None:
+        position.update(step=learn.fit_step, n_steps=learn.n_steps, valid_every=learn.valid_every)
+        if learn.train_stream is not None:
+            position["stream"] = learn.train_stream.state_dict()
+    if mid_pass(position):
         position["train_loader"] = loader_shape(getattr(learn.dls, "train", None))
     model, grads, opt = _weights(learn)
     own = {
@@ -462,7 +472,17 @@ def _section_problem(name: str, value: Any) -> str | None:
             return f"not a dict of {', '.join(_POSITION)} (integers >= 0)"
         shape = value.get("train_loader", {})
         ok = isinstance(shape, dict) and all(v is None or _is_int(v) for v in shape.values())
-        return None if ok else "train_loader is not a dict of integers"
+        if not ok:
+            return "train_loader is not a dict of integers"
+        counts = [value.get(k) for k in ("global_step", "step", "n_steps", "valid_every")]
+        if not all(v is None or _is_int(v) for v in counts):
+            return "global_step, step, n_steps or valid_every is not an integer >= 0"
+        stream = value.get("stream")
+        ok = stream is None or (
+            isinstance(stream, dict) and _is_int(stream.get("passes"))
+            and _is_int(stream.get("pass_iter")) and "step" in value
+        )  # fmt: skip
+        return None if ok else "stream is not a dict of passes and pass_iter (integers >= 0)"
     if name == "rng":
         return _rng_problem(value)
     if name == "epoch_rng":
@@ -801,6 +821,25 @@ def _saved_lr(state: Mapping[str, Any]) -> Any:
     return groups[0].get("lr", 1e-3) if isinstance(groups[0], dict) else 1e-3
 
 
+def mid_pass(progress: Mapping[str, Any]) -> int:
+    """The training batches of the current pass over the loader that a checkpoint's position
+    `progress` has done: of its epoch (`iter`), or in a fit budgeted in steps of the pass over
+    the loader under way (`stream["pass_iter"]`). 0 at a boundary, where a resume may start
+    with other batches."""
+    stream = progress.get("stream")
+    return int(stream["pass_iter"]) if isinstance(stream, Mapping) else int(progress["iter"])
+
+
+def _where(progress: Mapping[str, Any]) -> str:
+    if isinstance(progress.get("stream"), Mapping):
+        stream = progress["stream"]
+        return (
+            f"at step {progress.get('step')}, after batch {stream['pass_iter']} of pass "
+            f"{stream['passes']} over the training loader"
+        )
+    return f"after training batch {progress['iter']} of epoch {progress['epoch']}"
+
+
 def check_position(dls: Any, progress: Mapping[str, Any], path: StrPath) -> None:
     """A ValueError if the training loader of `dls` differs from the saved run's in what a
     mid-epoch position depends on: its batch size, number of samples or of batches, as far as
@@ -812,7 +851,7 @@ def check_position(dls: Any, progress: Mapping[str, Any], path: StrPath) -> None
         >>> check_position(learn.dls, ckpt["progress"], path)
     """
     saved = progress.get("train_loader")
-    if not progress["iter"] or not saved:
+    if not mid_pass(progress) or not saved:
         return
     now = loader_shape(getattr(dls, "train", None))
     labels = {"bs": "batch size", "n": "samples", "batches": "batches"}
@@ -823,9 +862,9 @@ def check_position(dls: Any, progress: Mapping[str, Any], path: StrPath) -> None
     ]
     if diffs:
         raise ValueError(
-            f"{path} was written after training batch {progress['iter']} of epoch "
-            f"{progress['epoch']}, and the training loader is not the saved run's "
-            f"({'; '.join(diffs)}), so the rest of that epoch would not be the saved run's; "
+            f"{path} was written {_where(progress)}, and the training loader is not the "
+            f"saved run's ({'; '.join(diffs)}), so the rest of that pass would not be the saved "
+            "run's; "
             "nothing was changed. Resume with the saved run's data and batch size, or from a "
             "checkpoint written at the end of an epoch, which allows other batches."
         )
@@ -892,10 +931,10 @@ def check_world_size(ckpt: Mapping[str, Any], path: StrPath) -> None:
         >>> check_world_size(read_checkpoint(path), path)
     """
     saved, now = saved_world_size(ckpt), world_size()
-    if ckpt["progress"]["iter"] and saved is not None and saved != now:
+    if mid_pass(ckpt["progress"]) and saved is not None and saved != now:
         raise ValueError(
-            f"{path} was written after training batch {ckpt['progress']['iter']} of epoch "
-            f"{ckpt['progress']['epoch']} by {saved} process(es), and this run has {now}: the "
+            f"{path} was written {_where(ckpt['progress'])} by {saved} process(es), and this "
+            f"run has {now}: the "
             "rest of that epoch cannot be resumed exactly with another number of processes (its "
             "batches are shared out among them); nothing was changed. Resume with "
             f"{saved} process(es), or from a checkpoint written at the end of an epoch "
@@ -928,6 +967,7 @@ def load(learn: BaseLearner, path: StrPath, with_opt: bool = True) -> dict[str, 
     if opt is not None:
         _load_opt(learn.model, opt, ckpt["opt"])
         learn.opt = opt
+        learn.global_step = int(ckpt["progress"].get("global_step", learn.global_step))
     return ckpt
 
 
@@ -982,4 +1022,5 @@ def restore(learn: BaseLearner, ckpt: Mapping[str, Any], path: StrPath) -> None:
         _load_opt(learn.model, opt, ckpt["opt"])
         learn.opt = opt
     _load_grads(learn.model, ckpt["grads"])
+    learn.global_step = int(ckpt["progress"].get("global_step", 0))
     set_rng_state(learn.dls, ckpt["rng"])

@@ -29,7 +29,8 @@ __all__ = ["LOOP_STATE", "kept_state", "side_run"]
 LOOP_STATE = (
     "lr", "epoch", "n_epochs", "iter", "training", "dl", "batch", "xb", "yb", "output", "preds",
     "loss", "loss_grad", "logged", "run_train", "run_valid", "start_epoch", "start_iter",
-    "resuming", "grad_sync",
+    "start_step", "resuming", "grad_sync", "global_step", "fit_step", "n_steps", "valid_every",
+    "train_stream",
 )  # fmt: skip
 """The documented loop state of `BaseLearner` that a fit changes (see its docstring)."""
 
@@ -114,7 +115,7 @@ def side_run(learn: BaseLearner, weights: bool = True) -> Iterator[list[Callback
 
     Examples:
         >>> with side_run(learn) as cbs:
-        ...     learn.fit(1, cbs=[*cbs, LRFinderCB(repeat=True)], valid=False)
+        ...     learn.fit(steps=100, cbs=[*cbs, LRFinderCB()], valid=False)
     """
     # Objects the callbacks share with the learner are kept, not copied, in the copies.
     model = learn.model

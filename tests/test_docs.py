@@ -41,6 +41,8 @@ TESTED = {
     "several-outputs": "test_batches_page_runs",
     "no-targets": "test_batches_page_runs",
     "gan": "test_batches_page_runs",
+    "stream": "test_steps_page_runs",
+    "resume-at-a-step": "test_steps_page_runs",
 }
 
 
@@ -227,3 +229,20 @@ def test_batches_page_runs() -> None:
     row = scope["learn"].recorder.history[-1]
     assert {"train_g_loss", "train_d_loss", "valid_g_loss", "valid_d_loss"} <= set(row)
     assert list(scope["learn"].opt) == ["g", "d"]
+
+
+def test_steps_page_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    import torch
+
+    monkeypatch.chdir(tmp_path)  # the page writes run/ckpt.pt
+    torch.manual_seed(0)
+    scope: dict[str, Any] = {}
+    exec(block("stream"), scope)
+    learn = scope["learn"]
+    assert learn.global_step == 60 and len(learn.recorder.losses) == 120
+    assert [row["step"] for row in learn.recorder.history] == [20, 40, 60]
+    assert "60 [20, 40, 60]" in capsys.readouterr().out
+    scope = {}
+    exec(block("resume-at-a-step"), scope)
+    assert scope["resumed"].global_step == 12
+    assert capsys.readouterr().out.strip().endswith("12 True")

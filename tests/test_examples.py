@@ -23,8 +23,10 @@ from learner.data import mnist_available
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-TABLE_HEADER = re.compile(r"^epoch\s+train_loss\s+valid_loss\s+accuracy\s+time$", re.MULTILINE)
-TABLE_ROW = re.compile(r"^\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\d\d:\d\d$", re.MULTILINE)
+TABLE_HEADER = re.compile(
+    r"^epoch\s+train_loss\s+valid_loss\s+accuracy\s+samples/s\s+time$", re.MULTILINE
+)
+TABLE_ROW = re.compile(r"^\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\d+\s+\d\d:\d\d$", re.MULTILINE)
 
 
 def _mnist_skip_reason() -> str | None:

@@ -79,7 +79,7 @@ def test_checkpoint_holds_everything_and_loads_with_weights_only(
     learn.save(tmp_path / "ck.pt")
     ckpt = torch.load(tmp_path / "ck.pt", weights_only=True)
     assert ckpt["format"] == "learner.checkpoint"
-    assert ckpt["progress"] == {"epoch": 2, "iter": 0, "n_epochs": 2}
+    assert ckpt["progress"] == {"epoch": 2, "iter": 0, "n_epochs": 2, "global_step": 4}
     assert set(ckpt["rng"]) >= {"python", "numpy", "torch", "generators"}
     assert ckpt["callbacks"]["recorder"]["losses"] == learn.recorder.losses
     assert ckpt["callbacks"]["recorder"]["history"] == learn.recorder.history

@@ -25,8 +25,9 @@ __all__ = ["CheckpointCB"]
 
 
 class CheckpointCB(Callback):
-    """Writes a checkpoint (`learn.save`) every `every_n_epochs` epochs and/or every
-    `every_n_batches` training batches; `fit(n, resume_from=path)` continues from it exactly.
+    """Writes a checkpoint (`learn.save`) every `every_n_epochs` epochs, every `every_n_batches`
+    training batches and/or every `every_n_steps` optimizer steps; `fit(n, resume_from=path)`
+    continues from it exactly.
 
     Each checkpoint is written atomically to `path`, which always holds the newest complete one.
     With `keep_last=k`, the `k - 1` before it are kept beside it as `name.1.ext` (the previous
@@ -34,7 +35,10 @@ class CheckpointCB(Callback):
     end of an epoch, when every callback is done with them, so it is never half-updated: after
     batch `i` (at `cleanup_batch`, once the schedulers have stepped) or after the epoch's row is
     recorded (at `after_epoch`). At the start of each training phase it keeps the random states
-    the epoch's shuffle is drawn from, so that a resumed epoch sees the same batches.
+    the epoch's shuffle is drawn from, so that a resumed epoch sees the same batches. In a fit
+    budgeted in steps (`fit(steps=..., valid_every=...)`, whose epochs end at each validation)
+    the checkpoint holds the position in the training loader instead (`learner.steps`), and
+    `every_n_steps` counts the optimizer steps of the fit (`learn.fit_step`).
 
     Under torch.distributed (`DistributedCB`) every rank writes together (`learn.save`: each
     hands rank 0 its own metrics' accumulators and random states, a sharded model's weights are
@@ -63,6 +67,8 @@ class CheckpointCB(Callback):
         path: the file to write. Default "checkpoint.pt".
         every_n_epochs: write at the end of every n-th epoch; None: never. Default 1.
         every_n_batches: write after every n-th training batch of the fit; None: never.
+        every_n_steps: write after every n-th optimizer step of the fit (with gradient
+            accumulation, a step is several batches); None: never.
         keep_last: how many checkpoints to keep, >= 1. Default 1.
 
     Examples:
@@ -81,15 +87,19 @@ class CheckpointCB(Callback):
         every_n_epochs: int | None = 1,
         every_n_batches: int | None = None,
         keep_last: int = 1,
+        every_n_steps: int | None = None,
     ) -> None:
         check_int("every_n_epochs", every_n_epochs, 1, optional=True)
         check_int("every_n_batches", every_n_batches, 1, optional=True)
+        check_int("every_n_steps", every_n_steps, 1, optional=True)
+        self.every_n_steps = every_n_steps
         check_int("keep_last", keep_last, 1)
         self.path = Path(path)
         self.every_n_epochs, self.every_n_batches = every_n_epochs, every_n_batches
         self.keep_last = keep_last
         self.epoch_rng: dict[str, Any] | None = None
         self.n_batches = 0  # training batches completed in this fit
+        self.last_step = 0  # learn.fit_step at the last training batch
         self.batch_done = False
         self.interrupted = False
         self._old_handler: Any = None  # the SIGINT handler to put back; None: none replaced
@@ -108,6 +118,7 @@ class CheckpointCB(Callback):
 
     def before_fit(self, learn: BaseLearner) -> None:
         self.n_batches, self.batch_done, self.interrupted = 0, False, False
+        self.last_step = learn.start_step
         if is_main_process():  # the one writer: fail now rather than after an epoch
             check_writable(self.path)
         if threading.current_thread() is not threading.main_thread():
@@ -144,6 +155,9 @@ class CheckpointCB(Callback):
         self.batch_done = False
         self.n_batches += 1
         due = self.every_n_batches is not None and self.n_batches % self.every_n_batches == 0
+        stepped, self.last_step = learn.fit_step != self.last_step, learn.fit_step
+        if stepped and self.every_n_steps is not None:
+            due = due or learn.fit_step % self.every_n_steps == 0
         self._agree_on_interruption()
         if due or self.interrupted:
             self._write(learn, learn.epoch, learn.iter + 1)
@@ -175,7 +189,12 @@ class CheckpointCB(Callback):
         if is_main_process() and self.keep_last > 1 and self.path.exists():
             self._rotate()
         progress = {"epoch": epoch, "iter": batches}
-        save(learn, self.path, progress=progress, epoch_rng=self.epoch_rng if batches else None)
+        stream = learn.train_stream  # a fit in steps: where the pass over the loader started
+        if stream is not None:
+            epoch_rng = stream.pass_rng if stream.pass_iter else None
+        else:
+            epoch_rng = self.epoch_rng if batches else None
+        save(learn, self.path, progress=progress, epoch_rng=epoch_rng)
         self.written.append((epoch, batches))
 
     def _kept(self, i: int) -> Path:

@@ -28,7 +28,9 @@ class GradAccumCB(Callback):
     Learner's convention.
 
     The last training batch of each epoch closes its group, so leftover batches are stepped: never
-    dropped, never carried into the next epoch. That needs `len()` of the training loader. A
+    dropped, never carried into the next epoch. That needs `len()` of the training loader, except
+    in a fit budgeted in steps (`fit(steps=...)`), whose epochs end on a step: there every group
+    has `n_batches` batches, across the passes over the loader, and no length is needed. A
     training phase that ends with a group still open (cancelled or failed mid-group, its last batch
     cancelled, or a loader yielding fewer batches than its `len()`) drops that group's gradients,
     with a warning when the phase itself completed.
@@ -72,7 +74,7 @@ class GradAccumCB(Callback):
         self.full = 0  # samples in a full group: what each batch's weight assumed
 
     def before_fit(self, learn: BaseLearner) -> None:
-        if not learn.run_train:
+        if not learn.run_train or learn.n_steps is not None:
             return
         try:
             len(learn.dls.train)
@@ -80,7 +82,8 @@ class GradAccumCB(Callback):
             raise TypeError(
                 f"GradAccumCB needs len() of the training loader to step the leftover batches "
                 f"at the end of each epoch, and {type(learn.dls.train).__name__} has none. Give it "
-                "a __len__ (a DataLoader over a map-style dataset has one)."
+                "a __len__ (a DataLoader over a map-style dataset has one), or train for a "
+                "budget of steps: fit(steps=...)."
             ) from None
 
     def before_train(self, learn: BaseLearner) -> None:
@@ -93,7 +96,9 @@ class GradAccumCB(Callback):
 
     def _steps(self, learn: BaseLearner, count: int) -> bool:
         # len() of the loader now: a callback may have replaced it at before_train (lr_find).
-        return count >= self.n_batches or learn.iter >= len(learn.dl) - 1
+        return count >= self.n_batches or (
+            learn.n_steps is None and learn.iter >= len(learn.dl) - 1
+        )
 
     def before_backward(self, learn: BaseLearner) -> None:
         bs = batch_size(learn.xb, learn.yb)

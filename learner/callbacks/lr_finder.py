@@ -6,8 +6,8 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 from matplotlib.figure import Figure
 
@@ -159,15 +159,14 @@ class LRFinderCB(Callback):
     """Raises the learning rate exponentially from `start_lr` to `end_lr` over `num_it` batches.
 
     Batch `i` trains at `start_lr * (end_lr / start_lr) ** (i / (num_it - 1))`, set in every
-    param group at `before_batch`. With `repeat` (as `lr_find` uses it), at `before_train` it
-    makes the training loader repeat (a new pass over it, a new shuffle, when it runs out) up to
-    `num_it` batches, so the run is a single training phase: no epoch ends, no callback acts on
-    one. After each batch it records the lr
-    and the loss in `lrs` and `losses`, and ends the fit with `CancelFitException` after
-    `num_it` batches, at a non-finite loss, or when the smoothed loss exceeds `stop_factor`
-    times its minimum. Use it through `lr_find`, which also undoes the run.
+    param group at `before_batch`. After each batch it records the lr and the loss in `lrs` and
+    `losses`, and ends the fit with `CancelFitException` after `num_it` batches, at a non-finite
+    loss, or when the smoothed loss exceeds `stop_factor` times its minimum. Use it through
+    `lr_find`, which runs it in a fit budgeted in steps (`fit(steps=num_it, valid=False)`: a
+    single training phase that passes over the loader as often as needed, no epoch ending) and
+    undoes the run.
 
-    Events: `before_fit`, `before_train`, `before_batch`, `after_batch`. Order: 90 (its
+    Events: `before_fit`, `before_batch`, `after_batch`. Order: 90 (its
     learning rate wins over
     any scheduler's; it stops the fit after every other callback has seen the batch).
 
@@ -184,7 +183,6 @@ class LRFinderCB(Callback):
         end_lr: float = 10.0,
         num_it: int = 100,
         stop_factor: float | None = 4.0,
-        repeat: bool = False,
     ) -> None:
         check_number("start_lr", start_lr)
         check_number("end_lr", end_lr)
@@ -194,7 +192,7 @@ class LRFinderCB(Callback):
         if stop_factor is not None and not stop_factor > 1:
             raise ValueError(f"stop_factor must be > 1 (or None), got {stop_factor!r}.")
         self.start_lr, self.end_lr, self.num_it = start_lr, end_lr, num_it
-        self.stop_factor, self.repeat = stop_factor, repeat
+        self.stop_factor = stop_factor
         self.sched = sched_exp(start_lr, end_lr)
         self.lrs: list[float] = []
         self.losses: list[float] = []
@@ -205,10 +203,6 @@ class LRFinderCB(Callback):
             param_groups(learn.opt, "lr_find")
         self.lrs, self.losses = [], []
         self.lr, self.avg, self.best = self.start_lr, 0.0, math.inf
-
-    def before_train(self, learn: BaseLearner) -> None:
-        if self.repeat:
-            learn.dl = _Repeat(learn.dl, self.num_it)
 
     def before_batch(self, learn: BaseLearner) -> None:
         if not learn.training:
@@ -243,30 +237,6 @@ class LRFinderCB(Callback):
         if not is_distributed():
             return learn.loss.item()
         return all_reduce_sum(learn.loss.detach().float().reshape(1)).item() / world_size()
-
-
-class _Repeat:
-    """At most `n` batches of `dl`, starting a new pass over it (a new shuffle) when it runs out:
-    the finder's run is a single training phase, so no epoch ever ends (no callback acts on one,
-    no results row is printed)."""
-
-    def __init__(self, dl: Iterable[Any], n: int) -> None:
-        self.dl, self.n = dl, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[Any]:
-        count = 0
-        while True:
-            start = count
-            for batch in self.dl:
-                yield batch
-                count += 1
-                if count == self.n:
-                    return
-            if count == start:  # an empty loader: the Learner reports it
-                return
 
 
 def lr_find(
@@ -314,14 +284,20 @@ def lr_find(
         >>> learn.lr_find().plot().savefig("lr_find.png")
         >>> learn.fit_one_cycle(3, lr_max=suggestion)
     """
-    finder = LRFinderCB(start_lr, end_lr, num_it, stop_factor, repeat=True)
+    finder = LRFinderCB(start_lr, end_lr, num_it, stop_factor)
     if not callable(suggest):
         raise TypeError(f"suggest must be a function f(lrs, losses), got {suggest!r}.")
+    if isinstance(learn.dls.train, Iterator):
+        raise ValueError(
+            f"lr_find would use up dls.train, a one-shot iterator ({type(learn.dls.train).__name__}"
+            "), and leave no batches for fit: pass something iterable again (a DataLoader, an "
+            "object whose __iter__ makes a new generator each time)."
+        )
     if learn.opt is not None:
         param_groups(learn.opt, "lr_find")
     lr = start_lr if learn.lr is None and learn.opt is None else None  # Learner(lr=None)
     with side_run(learn) as cbs:
-        learn.fit(1, lr=lr, cbs=[*cbs, finder], valid=False)
+        learn.fit(steps=num_it, lr=lr, cbs=[*cbs, finder], valid=False)
     lrs, losses = finder.lrs, finder.losses
     skip = len(losses) // 10
     suggestion = suggest(lrs[skip:], smooth(losses)[skip:])

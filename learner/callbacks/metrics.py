@@ -15,7 +15,7 @@ from learner.distributed import all_reduce_sum, is_distributed
 from learner.events import Callback
 from learner.utils import map_tensors, model_device, snake
 
-__all__ = ["MetricsCB", "accuracy", "epoch_summary"]
+__all__ = ["MetricsCB", "accuracy", "epoch_summary", "phase_samples"]
 
 
 def accuracy(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -103,9 +103,10 @@ class MetricsCB(Callback):
     (a GAN's `g_loss` and `d_loss`) are averaged over each phase the same way, weighted by the
     size of the batches that logged them, and shown as `train_<name>` and `valid_<name>`.
 
-    After each phase, `values["train"]` or `values["valid"]` holds plain Python numbers, and
-    `epoch_summary()` the epoch's row: `train_loss`, `valid_loss`, each metric, then the logged
-    values.
+    After each phase, `values["train"]` or `values["valid"]` holds plain Python numbers,
+    `samples["train"]` or `samples["valid"]` the number of samples it counted (over all ranks:
+    what `ProgressCB`'s throughput divides), and `epoch_summary()` the epoch's row:
+    `train_loss`, `valid_loss`, each metric, then the logged values.
 
     `state_dict()` holds `values` and, during a training phase, its accumulators (per-batch
     sizes and values, and the state of stateful metrics: their `state_dict`, or for torchmetrics
@@ -141,6 +142,7 @@ class MetricsCB(Callback):
                 )
             self.metrics[name] = metric
         self.values: dict[str, dict[str, Any]] = {}
+        self.samples: dict[str, int] = {}  # phase -> samples it counted, over all ranks
         self.phase: str | None = None  # "train" or "valid" while one runs
         self.checked = False  # whether this phase's function metrics have returned one number
         self.metrics_on_train = False
@@ -157,7 +159,7 @@ class MetricsCB(Callback):
                 m.to(self.device)
 
     def before_epoch(self, learn: BaseLearner) -> None:
-        self.values = {}
+        self.values, self.samples = {}, {}
 
     def before_train(self, learn: BaseLearner) -> None:
         if learn.start_iter:  # resuming mid-epoch: the loaded accumulators go on
@@ -282,6 +284,7 @@ class MetricsCB(Callback):
         # on one process), then read on the host once for every value of the phase.
         reduced = all_reduce_sum(torch.cat([sums, weights.sum().reshape(1), *extra])).tolist()
         *totals, count = reduced[: len(sums) + 1]
+        self.samples[self.phase or "train"] = int(count)
         pairs = reduced[len(sums) + 1 :]
         logged_values = {
             name: total / n if n else math.nan
@@ -361,6 +364,13 @@ def epoch_summary(learn: BaseLearner) -> dict[str, Any]:
     """The current epoch's row from the learner's `MetricsCB` (empty if it has none)."""
     cb = next((c for c in learn.cbs if isinstance(c, MetricsCB)), None)
     return cb.epoch_summary() if cb is not None else {}
+
+
+def phase_samples(learn: BaseLearner, phase: str) -> int | None:
+    """The samples the learner's `MetricsCB` counted in the current epoch's `phase` ("train"
+    or "valid"), over all ranks; None without a `MetricsCB` or before that phase ended."""
+    cb = next((c for c in learn.cbs if isinstance(c, MetricsCB)), None)
+    return None if cb is None else cb.samples.get(phase)
 
 
 def _accumulates(metric: Any) -> bool:

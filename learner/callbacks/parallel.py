@@ -212,7 +212,8 @@ class DistributedCB(Callback):
 
     def before_train(self, learn: BaseLearner) -> None:
         sampler = getattr(learn.dl, "sampler", None)
-        if isinstance(sampler, DistributedSampler):
+        # A fit in steps sets the epoch at each pass over the loader (learner.steps.TrainStream).
+        if isinstance(sampler, DistributedSampler) and learn.n_steps is None:
             sampler.set_epoch(self.n_train_epochs)
         self.n_train_epochs += 1
         if self.ddp is not None:

@@ -9,12 +9,13 @@ from typing import Any
 from fastprogress import fastprogress as fp
 from fastprogress.core import format_time
 
-from learner.callbacks.metrics import epoch_summary
+from learner.callbacks.metrics import epoch_summary, phase_samples
 from learner.callbacks.order import ORDERS
 from learner.callbacks.recorder import get_recorder
 from learner.core import BaseLearner
 from learner.distributed import is_main_process
 from learner.events import Callback
+from learner.steps import segment
 
 __all__ = ["ProgressCB"]
 
@@ -27,6 +28,13 @@ def _fmt(value: Any) -> str:
 
 class ProgressCB(Callback):
     """fastprogress bars over epochs and batches, and a table row per epoch.
+
+    The row shows the epoch's losses and metrics (`MetricsCB`), the training throughput
+    (`samples/s`: the training samples of all ranks over the training phase's wall time) and
+    the epoch's time. In a fit budgeted in steps (`fit(steps=..., valid_every=...)`) an epoch
+    ends at each validation: its row also shows the learner's `global_step`, and the training
+    bar counts optimizer steps up to the next validation, so its total, and the time left, are
+    known even for a stream without a length.
 
     In a notebook: HTML bars, the table, and with `plot=True` a live graph of the training and
     validation loss. In a terminal: one updating line with the running loss. When output is not a
@@ -41,8 +49,9 @@ class ProgressCB(Callback):
         bars: draw bars: None (default) where output is a notebook or a terminal, True always,
             False never (the table only).
 
-    Events: `before_fit`, `before_train`, `before_validate`, `after_batch`, `after_epoch`,
-    `cleanup_fit`. Order: 50 (after the callbacks that compute what it shows).
+    Events: `before_fit`, `before_epoch`, `before_train`, `after_batch`, `after_train`,
+    `before_validate`, `after_epoch`, `cleanup_fit`. Order: 50 (after the callbacks that compute
+    what it shows).
 
     Examples:
         >>> learn.fit(3, cbs=[ProgressCB(plot=True)])
@@ -59,6 +68,8 @@ class ProgressCB(Callback):
         self.mbar: Any = None
         self.bars = self.in_notebook = False
         self.quiet = False
+        self.first_step = 0  # a fit in steps: the step the training bar counts from
+        self.train_start, self.train_time = 0.0, 0.0
 
     def before_fit(self, learn: BaseLearner) -> None:
         self.quiet = not is_main_process()
@@ -78,11 +89,17 @@ class ProgressCB(Callback):
 
     def before_epoch(self, learn: BaseLearner) -> None:
         self.epoch_start = time.time()
+        self.train_time = 0.0
 
     def _start_bar(self, learn: BaseLearner) -> None:
         if not self.bars:
             return
-        total = len(learn.dl) if hasattr(learn.dl, "__len__") else "noinfer"
+        total: int | str
+        if learn.training and learn.n_steps is not None:  # counted in steps: known
+            self.first_step, end = segment(learn.epoch, learn.n_steps, learn.valid_every)
+            total = end - self.first_step
+        else:
+            total = len(learn.dl) if hasattr(learn.dl, "__len__") else "noinfer"
         pbar_cls = fp.NBProgressBar if self.in_notebook else fp.ConsoleProgressBar
         self.pbar = pbar_cls(range(0), total=total, parent=self.mbar)
         self.pbar.update_every = self.update_every
@@ -90,6 +107,10 @@ class ProgressCB(Callback):
 
     def before_train(self, learn: BaseLearner) -> None:
         self._start_bar(learn)
+        self.train_start = time.perf_counter()
+
+    def after_train(self, learn: BaseLearner) -> None:
+        self.train_time = time.perf_counter() - self.train_start
 
     def before_validate(self, learn: BaseLearner) -> None:
         self._start_bar(learn)
@@ -99,6 +120,8 @@ class ProgressCB(Callback):
         if pbar is None:
             return
         val = learn.iter + 1
+        if learn.training and learn.n_steps is not None:
+            val = learn.fit_step - self.first_step
         # fastprogress' own throttle: between redraws `update` does nothing, so it is not called,
         # and the loss is read from the device only for a redraw.
         if pbar.last_v is None or not (
@@ -125,7 +148,15 @@ class ProgressCB(Callback):
 
     def after_epoch(self, learn: BaseLearner) -> None:
         summary = epoch_summary(learn)
-        row = {"epoch": learn.epoch, **summary, "time": format_time(time.time() - self.epoch_start)}
+        row: dict[str, Any] = {"epoch": learn.epoch}
+        if learn.n_steps is not None:
+            row["step"] = learn.global_step
+        row.update(summary)
+        samples = phase_samples(learn, "train")
+        if learn.run_train:
+            rate = samples / self.train_time if samples and self.train_time else None
+            row["samples/s"] = None if rate is None else f"{rate:.0f}"
+        row["time"] = format_time(time.time() - self.epoch_start)
         if not learn.run_train:
             row.pop("train_loss", None)
         if row.get("valid_loss") is None and "valid_loss" in row:

@@ -36,7 +36,9 @@ class RecorderCB(Callback):
     - `lrs`: learning rate of the first parameter group at every training batch.
     - `history`: one dict per epoch: `epoch`, `train_loss`, `valid_loss` and each metric (from
       `MetricsCB`; `None` for a phase that did not run), then the values logged with
-      `learn.log` (`train_g_loss`, `valid_g_loss`).
+      `learn.log` (`train_g_loss`, `valid_g_loss`). In a fit budgeted in steps, whose epochs
+      end at each validation, a row per validation, with `step` (`learn.global_step`) after
+      `epoch`.
     - `logged`: name -> the value of every training batch that logged it with
       `learn.log(name=value)` (Python floats, read once per epoch).
 
@@ -132,7 +134,10 @@ class RecorderCB(Callback):
     def after_epoch(self, learn: BaseLearner) -> None:
         self._flush()
         summary = epoch_summary(learn)
-        self.history.append({"epoch": len(self.history), **summary})
+        row: dict[str, Any] = {"epoch": len(self.history)}
+        if learn.n_steps is not None:
+            row["step"] = learn.global_step
+        self.history.append({**row, **summary})
         self.epoch_iters.append(len(self._losses))
 
     def state_dict(self) -> dict[str, Any]:
@@ -202,17 +207,20 @@ class RecorderCB(Callback):
         return fig
 
     def plot_metrics(self) -> Figure:
-        """Every value of `history` per epoch: the losses together, each metric on its own."""
-        keys = [k for k in (self.history[0] if self.history else {}) if k != "epoch"]
+        """Every value of `history` per epoch (per validation step, for a fit in steps): the
+        losses together, each metric on its own."""
+        keys = [k for k in (self.history[0] if self.history else {}) if k not in ("epoch", "step")]
         metric_keys = [k for k in keys if k not in ("train_loss", "valid_loss")]
         fig, axes = new_figure(1 + len(metric_keys), width=5.0)
-        epochs = [h["epoch"] for h in self.history]
+        # A fit budgeted in steps has a row per validation: drawn at its step.
+        x = "step" if self.history and "step" in self.history[-1] else "epoch"
+        epochs = [h.get(x, h["epoch"]) for h in self.history]
         for ax, names in zip(axes, [["train_loss", "valid_loss"], *[[k] for k in metric_keys]]):
             for name in names:
                 ys = [_num(h.get(name)) for h in self.history]
                 if not all(math.isnan(y) for y in ys):
                     ax.plot(epochs, ys, marker="o", label=name)
-            ax.set(xlabel="epoch", title=names[0] if len(names) == 1 else "loss")
+            ax.set(xlabel=x, title=names[0] if len(names) == 1 else "loss")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend()
         return fig

@@ -18,6 +18,7 @@ from learner.saving import (
     read_checkpoint,
     restore,
 )
+from learner.steps import TrainStream
 
 __all__ = ["ResumeCB"]
 
@@ -40,8 +41,12 @@ class ResumeCB(Callback):
        states (mid-epoch: those the epoch's shuffle was drawn from).
     3. Mid-epoch, at the first `before_train`, it hands the loop a loader that skips the
        batches the saved run trained on (without running them), then puts back the random
-       states of the moment the checkpoint was written. Callbacks that accumulate over a
-       training phase keep their loaded accumulators when `learn.start_iter > 0`.
+       states of the moment the checkpoint was written. A fit budgeted in steps goes on in the
+       training loader where the saved one was instead (`learner.steps.TrainStream.resume`):
+       exactly for a map-style loader or one with a `state_dict()` (torchdata's
+       `StatefulDataLoader`); a stream goes on with the batches it yields now, with a warning.
+       Callbacks that accumulate over a training phase keep their loaded accumulators when
+       `learn.start_iter > 0`.
 
     So a callback reads its own restored state from `before_epoch` on (and other callbacks'
     too), never at `before_fit`.
@@ -66,28 +71,54 @@ class ResumeCB(Callback):
         # none yet: `opt`, which a learner made with lr=None takes (its lr is the saved one).
         self.opt = check_fits(learn, self.ckpt, path)
 
-    def start(self, n_epochs: int) -> tuple[int, int]:
-        """`(epoch, batch)` where a fit of `n_epochs` epochs resumes the saved run.
+    def start(
+        self, n_epochs: int, steps: int | None = None, valid_every: int | None = None
+    ) -> tuple[int, int, int]:
+        """`(epoch, batch, step)` where a fit of `n_epochs` epochs (for a budget in steps: of
+        `steps` steps, validated every `valid_every`) resumes the saved run.
 
         Mid-epoch, checks first that as many processes run as wrote it (`check_world_size`) and
         that the training loader is the saved run's (`check_position`).
         """
-        epoch, batch = self.ckpt["progress"]["epoch"], self.ckpt["progress"]["iter"]
-        if epoch >= n_epochs:
+        progress = self.ckpt["progress"]
+        epoch, batch, step = progress["epoch"], progress["iter"], progress.get("step", 0)
+        saved_steps = progress.get("n_steps")
+        if (steps is None) != (saved_steps is None):
+            saved = "epochs" if saved_steps is None else f"steps (steps={saved_steps})"
+            raise ValueError(
+                f"{self.path} was written by a fit budgeted in {saved}: resume it the same way, "
+                "fit(n_epochs, resume_from=...) or fit(steps=..., valid_every=..., "
+                "resume_from=...), as the fit that wrote it."
+            )
+        if steps is not None and progress.get("valid_every") != valid_every:
+            raise ValueError(
+                f"{self.path} was written by a fit validated every "
+                f"{progress.get('valid_every')} steps, and this one has valid_every="
+                f"{valid_every}: resume with the saved run's valid_every."
+            )
+        if epoch >= n_epochs or (steps is not None and step >= steps):
+            where = f"the end of epoch {epoch - 1}" if steps is None else f"step {step}"
+            budget = f"{n_epochs} epochs" if steps is None else f"{steps} steps"
             print(
-                f"resume_from={str(self.path)!r}: the checkpoint is at the end of epoch "
-                f"{epoch - 1}, and this fit has {n_epochs} epochs: nothing to train.",
+                f"resume_from={str(self.path)!r}: the checkpoint is at {where}, and this fit "
+                f"has {budget}: nothing to train.",
                 flush=True,
             )
-            return n_epochs, 0
+            return n_epochs, 0, step
         check_world_size(self.ckpt, self.path)
-        check_position(self.dls, self.ckpt["progress"], self.path)
-        return epoch, batch
+        check_position(self.dls, progress, self.path)
+        return epoch, batch, step
 
     def before_fit(self, learn: BaseLearner) -> None:
         restore(learn, self.ckpt, self.path)
+        stream = self.ckpt["progress"].get("stream")
         # Keep what the first training phase needs, not a second copy of the weights.
         self.ckpt = {k: self.ckpt[k] for k in ("rng", "epoch_rng")}
+        if learn.n_steps is not None:
+            if stream is not None and learn.run_train:  # the stream goes on from its position
+                learn.train_stream = TrainStream(learn.dls.train, learn.dls)
+                learn.train_stream.resume(stream, self.ckpt["epoch_rng"], self.ckpt["rng"])
+            return
         if learn.start_iter:
             if self.ckpt["epoch_rng"] is None:
                 raise ValueError(
@@ -98,7 +129,7 @@ class ResumeCB(Callback):
             set_rng_state(learn.dls, self.ckpt["epoch_rng"])
 
     def before_train(self, learn: BaseLearner) -> None:
-        if learn.start_iter:
+        if learn.start_iter and learn.n_steps is None:
             learn.dl = _SkipBatches(learn.dl, learn.start_iter, learn.dls, self.ckpt["rng"])
 
 

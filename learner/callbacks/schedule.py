@@ -169,8 +169,9 @@ def _n_train_batches(learn: BaseLearner, owner: str) -> int:
     if not hasattr(dl, "__len__"):
         raise ValueError(
             f"{owner} needs len(dls.train) to know how long training runs, but "
-            f"{type(dl).__name__} has no __len__. Give the loader a __len__, or use "
-            "LRSchedulerCB with a torch scheduler that needs no length."
+            f"{type(dl).__name__} has no __len__. Give the loader a __len__, train for a budget "
+            "of steps (fit(steps=...), fit_one_cycle(steps=...)), or use LRSchedulerCB with a "
+            "torch scheduler that needs no length."
         )
     return len(dl)
 
@@ -183,7 +184,9 @@ class ParamSchedulerCB(Callback):
 
     `scheds` maps a hyper-parameter name to a schedule `f(pos) -> value`, where `pos` in [0, 1)
     is the fraction of this fit's training batches done at the last optimizer step: the batch
-    `i` of `n_epochs * len(dls.train)` gets `f(i / total)`, as in fastai. 'lr' sets the learning
+    `i` of `n_epochs * len(dls.train)` gets `f(i / total)`, as in fastai. In a fit budgeted in
+    steps (`fit(steps=n)`, no length needed) it is the fraction of the steps done,
+    `learn.fit_step / n`. 'lr' sets the learning
     rate; 'mom' the momentum (SGD's `momentum`, or `betas[0]` in the Adam family); any other name
     sets that key of every param group (e.g. 'weight_decay'). The same value goes to every group.
 
@@ -223,14 +226,19 @@ class ParamSchedulerCB(Callback):
                 )
         self.scheds = dict(scheds)
         self.pos, self.total, self.since_step = 0, 0, 0
+        self.per_step = False  # a fit budgeted in steps: pos counts steps, not batches
 
     def before_fit(self, learn: BaseLearner) -> None:
         if not learn.run_train:
             return
         assert learn.opt is not None  # fit creates the optimizer before a training run
         _check_hypers(learn.opt, self.scheds, type(self).__name__)
-        total = learn.n_epochs * _n_train_batches(learn, type(self).__name__)
+        if learn.n_steps is not None:
+            total = learn.n_steps
+        else:
+            total = learn.n_epochs * _n_train_batches(learn, type(self).__name__)
         self.pos, self.total, self.since_step = 0, total, 0
+        self.per_step = learn.n_steps is not None
 
     def before_batch(self, learn: BaseLearner) -> None:
         if not learn.training:
@@ -244,7 +252,7 @@ class ParamSchedulerCB(Callback):
         self.since_step += 1
 
     def after_step(self, learn: BaseLearner) -> None:
-        self.pos += self.since_step
+        self.pos += 1 if self.per_step else self.since_step
         self.since_step = 0
 
     def state_dict(self) -> dict[str, int]:
@@ -380,15 +388,19 @@ class LRSchedulerCB(Callback):
 
 def fit_one_cycle(
     learn: BaseLearner,
-    n_epochs: int,
+    n_epochs: int | None = None,
     lr_max: float | None = None,
     div: float = 25.0,
     div_final: float = 1e5,
     pct_start: float = 0.25,
     moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
     cbs: Callback | Iterable[Callback] | None = None,
+    *,
+    steps: int | None = None,
+    valid_every: int | None = None,
 ) -> None:
-    """Train with the one-cycle policy (Smith 2018), as fastai's `fit_one_cycle`.
+    """Train with the one-cycle policy (Smith 2018), as fastai's `fit_one_cycle`, for `n_epochs`
+    epochs or, with `steps`, for that many optimizer steps (`fit(steps=, valid_every=)`).
 
     The learning rate warms up from `lr_max / div` to `lr_max` over the first `pct_start` of
     the batches, then anneals to `lr_max / div_final`, both phases on cosines. The momentum (SGD
@@ -398,7 +410,7 @@ def fit_one_cycle(
 
     Args:
         learn: the Learner.
-        n_epochs: number of epochs.
+        n_epochs: number of epochs. Default 1, or none with `steps`.
         lr_max: peak learning rate. Default None: `learn.lr`.
         div: `lr_max / div` is the starting learning rate. Default 25.
         div_final: `lr_max / div_final` is the final learning rate. Default 1e5.
@@ -406,9 +418,12 @@ def fit_one_cycle(
         moms: momentum at the start, at the peak lr, and at the end; None leaves it alone (for
             optimizers with no momentum). Default (0.95, 0.85, 0.95).
         cbs: more callbacks for this fit.
+        steps: a budget in optimizer steps instead of epochs, the cycle spread over them.
+        valid_every: with `steps`, validate after every `valid_every` steps (and at the end).
 
     Examples:
         >>> learn.fit_one_cycle(3, lr_max=1e-2)
+        >>> learn.fit_one_cycle(steps=300, valid_every=100, lr_max=1e-2)
         >>> learn.recorder.plot_lr()
     """
     lr_max = learn.lr if lr_max is None else lr_max
@@ -424,4 +439,10 @@ def fit_one_cycle(
         if len(moms) != 3:
             raise ValueError(f"moms must be (start, middle, end), got {moms!r}.")
         scheds["mom"] = combined_cos(pct_start, *moms)
-    learn.fit(n_epochs, lr=lr_max, cbs=[ParamSchedulerCB(scheds), *as_cbs(cbs)])
+    learn.fit(
+        n_epochs,
+        lr=lr_max,
+        cbs=[ParamSchedulerCB(scheds), *as_cbs(cbs)],
+        steps=steps,
+        valid_every=valid_every,
+    )

@@ -179,7 +179,8 @@ class EarlyStoppingCB(Callback):
                 f"{self.best:.6g} at epoch {self.best_epoch}"
             )
         self.stopped_epoch = learn.epoch
-        self.reason = f"EarlyStoppingCB: stopped after epoch {learn.epoch}: {m.name} {what}."
+        at = f" (step {learn.global_step})" if learn.n_steps is not None else ""
+        self.reason = f"EarlyStoppingCB: stopped after epoch {learn.epoch}{at}: {m.name} {what}."
         if is_main_process():
             print(self.reason, flush=True)
         raise CancelFitException(self.reason)

@@ -22,14 +22,24 @@ def test_no_carriage_returns_when_not_a_terminal(tiny: dict[str, Any], capsys: A
     out = capsys.readouterr().out
     assert "\r" not in out
     lines = out.splitlines()
-    assert lines[0].split() == ["epoch", "train_loss", "valid_loss", "accuracy", "time"]
+    assert lines[0].split() == [
+        "epoch",
+        "train_loss",
+        "valid_loss",
+        "accuracy",
+        "samples/s",
+        "time",
+    ]
     assert [line.split()[0] for line in lines[1:]] == ["0", "1", "2"]
+    # 16 training samples an epoch, over the training phase's time: a whole number of samples/s
+    assert all(int(line.split()[4]) > 0 for line in lines[1:])
 
 
 def test_columns_follow_the_phases_that_run(tiny: dict[str, Any], capsys: Any) -> None:
     learn = Learner(**tiny)
     learn.fit(1, valid=False)
-    assert capsys.readouterr().out.splitlines()[0].split() == ["epoch", "train_loss", "time"]
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header == ["epoch", "train_loss", "samples/s", "time"]
     learn.fit(1, train=False)
     assert capsys.readouterr().out.splitlines()[0].split() == ["epoch", "valid_loss", "time"]
 
@@ -46,8 +56,8 @@ def test_bars_in_a_terminal(tiny: dict[str, Any], monkeypatch: pytest.MonkeyPatc
     out = term.getvalue()
     assert "Epoch 1/2" in out and "Epoch 2/2" in out and "loss " in out
     lines = [line.split() for line in re.split("[\r\n]", out)]
-    assert ["epoch", "train_loss", "valid_loss", "accuracy", "time"] in lines
-    assert [cells[0] for cells in lines if len(cells) == 5 and cells[4] == "00:00"] == ["0", "1"]
+    assert ["epoch", "train_loss", "valid_loss", "accuracy", "samples/s", "time"] in lines
+    assert [cells[0] for cells in lines if len(cells) == 6 and cells[5] == "00:00"] == ["0", "1"]
 
 
 def test_bars_can_be_forced_on_or_off(
