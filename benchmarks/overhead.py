@@ -24,6 +24,8 @@ Variants:
 - `Learner, no bars`: the same with the default `ProgressCB` as it runs when output is not a
   terminal (a log file, CI): the table of results only.
 - `Learner, no ProgressCB`: the same without `ProgressCB`.
+- `Learner, fit(steps=, valid_every=)`: the default Learner on the same batches budgeted in
+  optimizer steps, validated after as many steps as an epoch has: the cost of the step path.
 
 - `Lightning`, `fastai` (with `--lightning`, `--fastai`, when installed): the recipe as their
   users write it, each with its default progress reporting and an accuracy metric.
@@ -146,9 +148,12 @@ def dataloader_loop(data: tuple[torch.Tensor, ...], epochs: int) -> float:
     return acc
 
 
-def learner_fit(data: tuple[torch.Tensor, ...], epochs: int, bars: bool | None) -> float:
+def learner_fit(
+    data: tuple[torch.Tensor, ...], epochs: int, bars: bool | None, steps: bool = False
+) -> float:
     """`bars`: True draws them, None leaves the default (no bars off a terminal), False removes
-    `ProgressCB` altogether."""
+    `ProgressCB` altogether. `steps`: the same batches budgeted in steps, validated as often
+    (`fit(steps=epochs * len(train), valid_every=len(train))`)."""
     dls = DataLoaders.from_tensors(*data, bs=BS, generator=torch.Generator().manual_seed(1))
     learn = Learner(
         make_model(), dls, F.cross_entropy, lr=LR, opt_func=torch.optim.SGD, metrics=accuracy
@@ -157,7 +162,11 @@ def learner_fit(data: tuple[torch.Tensor, ...], epochs: int, bars: bool | None) 
         learn.remove_cb(learn.progress)
     elif bars:
         learn.add_cb(ProgressCB(bars=True))
-    learn.fit(epochs)
+    if steps:
+        n = len(dls.train)
+        learn.fit(steps=epochs * n, valid_every=n)
+    else:
+        learn.fit(epochs)
     return float(learn.recorder.history[-1]["accuracy"])
 
 
@@ -248,6 +257,9 @@ def main() -> None:
         ),
         "Learner, no bars": lambda: learner_fit(data, args.epochs, bars=None),
         "Learner, no ProgressCB": lambda: learner_fit(data, args.epochs, bars=False),
+        "Learner, fit(steps=, valid_every=)": lambda: learner_fit(
+            data, args.epochs, bars=True, steps=True
+        ),
     }
     for flag, name, module, run in [
         (args.lightning, "Lightning", "lightning", lightning_fit),

@@ -13,7 +13,7 @@ then with a process group the script made (it must survive the fits):
     global RNGs differ, yet they share out one permutation per epoch.
 CASE "raise": rank 1 raises in the middle of an epoch; the launch must end, with an error.
 CASE "fsdp": `DistributedCB(strategy="fsdp")` (see `fsdp()`); CASE "gaps": what DDP lacked
-before (see `gaps()`).
+before (see `gaps()`); CASE "steps": a budget in steps on ranks of unequal loaders (`steps()`).
 """
 
 from __future__ import annotations
@@ -411,8 +411,57 @@ def gaps(out: Path) -> None:
     dist.destroy_process_group()
 
 
+STEPS, VALID_EVERY = 11, 4
+
+
+def steps_batches(r: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rank `r`'s own training batches, a pass of unequal length on each rank: 3 on rank 0,
+    5 on rank 1 (samples 0-11 and 12-31)."""
+    x, y, _, _ = problem()
+    first, n = (0, 3) if r == 0 else (12, 5)
+    return [(x[first + i * BS : first + (i + 1) * BS], y[first + i * BS : first + (i + 1) * BS])
+            for i in range(n)]  # fmt: skip
+
+
+def steps(out: Path) -> None:
+    """A budget in steps on 2 ranks whose loaders are their own, of unequal length
+    (`DistributedCB(shard=False)`), with DDP then FSDP: `fit(steps=11, valid_every=4)` must stop,
+    and validate, on the same steps on both, each rank starting its passes when its own end."""
+    import torch.distributed as dist
+
+    from learner import DistributedCB, Learner
+    from learner.data import DataLoaders
+    from learner.distributed import rank
+
+    _, _, xv, yv = problem()
+    for strategy in ("ddp", "fsdp"):
+        seen = ValidatedAtCB()
+        dls = DataLoaders(steps_batches(rank()), [(xv, yv)])
+        learn = Learner(model(), dls, F.cross_entropy, lr=LR, opt_func=torch.optim.SGD,
+                        cbs=[DistributedCB(shard=False, strategy=strategy), seen])  # fmt: skip
+        learn.fit(steps=STEPS, valid_every=VALID_EVERY)
+        save_run(out, f"steps_{strategy}", learn, global_step=learn.global_step,
+                 validated=seen.steps, batches=seen.batches)  # fmt: skip
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+class ValidatedAtCB(Callback):
+    """The global step at each validation, and the training batches run."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.batches = 0
+
+    def after_batch(self, learn: Any) -> None:
+        self.batches += learn.training
+
+    def after_validate(self, learn: Any) -> None:
+        self.steps.append(learn.global_step)
+
+
 if __name__ == "__main__":
-    cases = {"fsdp": fsdp, "gaps": gaps}
+    cases = {"fsdp": fsdp, "gaps": gaps, "steps": steps}
     if sys.argv[2] in cases:
         cases[sys.argv[2]](Path(sys.argv[1]))
     else:

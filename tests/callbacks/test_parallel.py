@@ -797,3 +797,28 @@ def test_a_one_process_checkpoint_resumes_on_two_at_an_epoch_boundary(
         # after batch 2 of epoch 0: refused on both ranks, before anything changed
         assert "by 1 process(es), and this run has 2" in r["refused"]
         assert "epoch" in r["refused"] and r["unchanged"]
+
+
+# -- a budget in steps on ranks whose loaders differ in length --------------------------------
+
+
+def test_a_step_budget_stops_and_validates_on_the_same_step_on_every_rank(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    out = _launch(tmp_path_factory, "steps")
+    runs = _per_rank(out, "steps_ddp", "steps_fsdp")
+    # One process on the global batches: step i sees rank 0's batch i % 3 and rank 1's i % 5.
+    r0, r1 = ds.steps_batches(0), ds.steps_batches(1)
+    glob = [tuple(torch.cat([a, b]) for a, b in zip(r0[i % 3], r1[i % 5])) for i in range(ds.STEPS)]
+    _, _, xv, yv = ds.problem()
+    oracle = Learner(ds.model(), DataLoaders(glob, [(xv, yv)]), F.cross_entropy, lr=ds.LR,
+                     opt_func=torch.optim.SGD)  # fmt: skip
+    oracle.remove_cb(oracle.progress)
+    oracle.fit(steps=ds.STEPS, valid_every=ds.VALID_EVERY)
+    for name in ("steps_ddp", "steps_fsdp"):
+        for run in runs[name]:
+            assert run["global_step"] == ds.STEPS and run["batches"] == ds.STEPS
+            assert run["validated"] == [4, 8, 11]
+            assert [row["step"] for row in run["history"]] == [4, 8, 11]
+            _rows_close(run["history"], oracle.recorder.history)
+        _close_to(runs[name][0]["state"], oracle.model)
