@@ -10,6 +10,7 @@ spin when the tests share the machine.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -275,3 +276,19 @@ def test_course_style_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert accs and float(accs[0][0]) > 0.5, accs  # above chance (0.1), on MNIST or the digits
     history = _text(code_cells[-1])
     assert "'accuracy'" in history and "'valid_loss'" in history
+
+
+def test_char_lm() -> None:
+    pytest.importorskip("torchmetrics", reason="the example's perplexity is torchmetrics'")
+    out = run("char_lm.py", "--steps", 30, "--valid-every", 10).stdout
+    assert re.search(r"^steps: 30$", out, re.MULTILINE), out
+    assert "validations at steps: [10, 20, 30]" in out
+    assert re.search(r"^epoch\s+step\s+train_loss\s+valid_loss\s+perplexity\s+samples/s", out, re.M)
+    vocab = int(re.search(r"^vocabulary: (\d+) characters", out, re.MULTILINE)[1])  # type: ignore[index]
+    perplexity = final_accuracy(out, "final validation perplexity")
+    loss = final_accuracy(out, "final validation loss")
+    # torchmetrics' perplexity is the exponential of the mean token loss MetricsCB reports, and
+    # 30 steps already beat guessing uniformly (a perplexity of the vocabulary's size) by far.
+    assert perplexity == pytest.approx(math.exp(loss), rel=1e-3)
+    assert perplexity < 0.5 * vocab
+    assert re.search(r"^generated: 'It is .{100,}'$", out, re.MULTILINE), out
