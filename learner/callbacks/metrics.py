@@ -114,13 +114,27 @@ class MetricsCB(Callback):
     mid-epoch (`learn.start_iter > 0`) goes on accumulating them in its first training phase.
     `lr_find` runs without it, so the metric objects you passed are not touched by the sweep.
 
+    **Subclassing, the course's way.** After each phase, `_log(d)` receives that phase's results
+    as a dict: each metric (NaN where the phase computed none: training, when validation runs),
+    `"loss"`, the logged values, then `"epoch"` and `"train"` (`"train"` or `"eval"`), with
+    `self.train` telling the phase. These are the numbers of `values` (the same that the
+    recorder's rows, `ProgressCB`'s table, `CSVLoggerCB` and `TensorBoardCB` show, through
+    `epoch_summary`). The default `_log` does nothing: override it to send results elsewhere
+    (the course's `WandBCB`). `all_metrics` lists the names of the metrics and `"loss"`. A
+    subclass may override any event without calling `super()`: the set-up of `before_fit` is
+    then done at the first phase.
+
     Events: `before_fit`, `before_epoch`, `before_train`, `before_validate`, `after_batch`,
-    `after_train`, `after_validate`, `cleanup_train`, `cleanup_validate`. Order: -10.
+    `after_train`, `after_validate`, `cleanup_train`, `cleanup_validate`, `after_epoch`,
+    `cleanup_fit`. Order: -10.
 
     Examples:
         >>> from torcheval.metrics import MulticlassAccuracy
         >>> cbs = [MetricsCB(accuracy, top1=MulticlassAccuracy())]
         >>> Learner(model, dls, F.cross_entropy, cbs=cbs).fit(1)
+        >>> class PrintCB(MetricsCB):
+        ...     def _log(self, d):
+        ...         print({m: d[m] for m in self.all_metrics}, d["train"])
     """
 
     order = ORDERS["MetricsCB"]
@@ -147,21 +161,35 @@ class MetricsCB(Callback):
         self.checked = False  # whether this phase's function metrics have returned one number
         self.metrics_on_train = False
         self.device = torch.device("cpu")
+        self.train = False  # whether the phase `_log` is given is a training phase
+        self.ready = False  # whether this fit's set-up (`before_fit`) ran
+        self._kinds = [(name, m, _is_stateful(m)) for name, m in self.metrics.items()]
         self._reset(with_metrics=False)
+
+    @property
+    def all_metrics(self) -> list[str]:
+        """The names `_log`'s dict has a value for: each metric's, then `"loss"` (the course's
+        `all_metrics`, whose keys these are)."""
+        return [*self.metrics, "loss"]
 
     def before_fit(self, learn: BaseLearner) -> None:
         valid = getattr(learn.dls, "valid", None)
         self.metrics_on_train = not (learn.run_valid and valid is not None)
-        self._kinds = [(name, m, _is_stateful(m)) for name, m in self.metrics.items()]
         self.device = model_device(learn.model)
         for m in self.metrics.values():
             if _is_stateful(m) and callable(getattr(m, "to", None)):
                 m.to(self.device)
+        self.ready = True
+
+    def cleanup_fit(self, learn: BaseLearner) -> None:
+        self.ready = False
 
     def before_epoch(self, learn: BaseLearner) -> None:
         self.values, self.samples = {}, {}
 
     def before_train(self, learn: BaseLearner) -> None:
+        if not self.ready:  # a subclass's before_fit did not call super()
+            MetricsCB.before_fit(self, learn)
         if learn.start_iter:  # resuming mid-epoch: the loaded accumulators go on
             self.with_metrics, self.checked = self.metrics_on_train, False
         else:
@@ -169,6 +197,8 @@ class MetricsCB(Callback):
         self.phase = "train"
 
     def before_validate(self, learn: BaseLearner) -> None:
+        if not self.ready:
+            MetricsCB.before_fit(self, learn)
         self._reset(with_metrics=True)
         self.phase = "valid"
 
@@ -206,7 +236,7 @@ class MetricsCB(Callback):
         loss = learn.loss  # a training loss is detached by the Learner once the step is done
         self.batch_values["loss"].append(loss.detach() if loss.requires_grad else loss)
         if learn.logged:
-            self._log(learn.logged, bs)
+            self._add_logged(learn.logged, bs)
         if not (self.with_metrics and self._kinds):
             return
         preds, targets = learn.preds, learn.yb
@@ -230,7 +260,7 @@ class MetricsCB(Callback):
                 )
         self.checked = True
 
-    def _log(self, logged: dict[str, Any], bs: int) -> None:
+    def _add_logged(self, logged: dict[str, Any], bs: int) -> None:
         for name, value in logged.items():
             if name in self.batch_values or name in self.metrics:
                 raise ValueError(
@@ -303,9 +333,27 @@ class MetricsCB(Callback):
 
     def after_train(self, learn: BaseLearner) -> None:
         self.values["train"] = self._compute()
+        self._log_phase(learn, "train")
 
     def after_validate(self, learn: BaseLearner) -> None:
         self.values["valid"] = self._compute()
+        self._log_phase(learn, "valid")
+
+    def after_epoch(self, learn: BaseLearner) -> None:
+        """Nothing: each phase was logged when it ended. Here so that a subclass's
+        `after_epoch` may call `super().after_epoch(learn)`, as the course's do."""
+
+    def _log_phase(self, learn: BaseLearner, phase: str) -> None:
+        values = self.values[phase]
+        d = {name: values.get(name, math.nan) for name in self.metrics}
+        d.update((k, v) for k, v in values.items() if k not in d)  # the loss, logged values
+        d.update(epoch=learn.epoch, train="train" if phase == "train" else "eval")
+        self.train = phase == "train"
+        self._log(d)
+
+    def _log(self, d: dict[str, Any]) -> None:
+        """The hook a subclass overrides: called after each phase with its results (see the
+        class docstring); does nothing here."""
 
     def state_dict(self) -> dict[str, Any]:
         """`values`, and mid-training-phase its accumulators, as tensors and plain values."""
