@@ -260,11 +260,14 @@ def infer(learn: BaseLearner, x: Any) -> Any:
 
 
 class CapturePredsCB(Callback):
-    """Keeps the predictions and targets of every batch, on the CPU (the course's CapturePreds).
+    """Keeps the predictions and targets of every batch, on the CPU (the course's CapturePreds),
+    and with `inps=True` the inputs too.
 
     After the fit, `all_preds` and `all_targs` are the concatenated tensors (per field for
-    several outputs or targets; `all_targs` is None for batches without targets). Used by
-    `capture_preds`; usable in any fit.
+    several outputs or targets; `all_targs` is None for batches without targets), and `all_inps`
+    the inputs as the model saw them (after the callbacks' `before_batch`: on the device,
+    transformed), concatenated the same way (a tuple for several inputs; None without `inps`).
+    Used by `capture_preds`; usable in any fit.
 
     Events: `before_fit`, `after_batch`, `after_fit`. Order: 80 (after the callbacks that change
     the predictions).
@@ -278,25 +281,35 @@ class CapturePredsCB(Callback):
     order = ORDERS["CapturePredsCB"]
     in_side_runs = False
 
-    def __init__(self) -> None:
+    def __init__(self, inps: bool = False) -> None:
+        self.inps = inps
         self.all_preds: Any = []
         self.all_targs: Any = []
+        self.all_inps: Any = None
 
     def before_fit(self, learn: BaseLearner) -> None:
         self.all_preds, self.all_targs = [], []
+        self.all_inps = [] if self.inps else None
 
     def after_batch(self, learn: BaseLearner) -> None:
         self.all_preds.append(to_cpu(learn.preds))
         self.all_targs.append(to_cpu(_targets(learn.yb)) if learn.yb else None)
+        if self.all_inps is not None:
+            xb = learn.xb  # keyword inputs (a dict) stay a dict
+            self.all_inps.append(
+                to_cpu(xb if isinstance(xb, Mapping) else _targets(xb)) if xb else None
+            )
 
     def after_fit(self, learn: BaseLearner) -> None:
         if self.all_preds:
             self.all_preds, self.all_targs = _cat(self.all_preds), _cat(self.all_targs)
+            if self.all_inps is not None:
+                self.all_inps = _cat(self.all_inps)
 
 
 def capture_preds(
-    learn: BaseLearner, cbs: Callback | Iterable[Callback] | None = None
-) -> tuple[Any, Any]:
+    learn: BaseLearner, cbs: Callback | Iterable[Callback] | None = None, inps: bool = False
+) -> tuple[Any, ...]:
     """Predictions and targets over `dls.valid` from a validation pass that fires events, with
     the callbacks `cbs` added for it (the course's `capture_preds`).
 
@@ -309,19 +322,24 @@ def capture_preds(
     Args:
         learn: the Learner.
         cbs: callbacks for this pass (one, or an iterable).
+        inps: also return the inputs, as the model saw them.
 
     Returns:
-        `(preds, targets)`, on the CPU.
+        `(preds, targets)`, or with `inps` `(preds, targets, inputs)` (the course's order), on
+        the CPU.
 
     Examples:
         >>> preds, targs = learn.capture_preds()
         >>> flip = BatchTransformCB(partial(tfm_batch, tfm_x=torch.fliplr))
         >>> preds_flip, _ = learn.capture_preds(cbs=flip)
         >>> ((preds + preds_flip) / 2).argmax(1)  # averaged over the two views
+        >>> preds, targs, inputs = learn.capture_preds(inps=True)
     """
     if getattr(learn.dls, "valid", None) is None:
         raise ValueError("capture_preds runs over dls.valid, and dls has no validation loader.")
-    capture = CapturePredsCB()
+    capture = CapturePredsCB(inps=inps)
     with side_run(learn, weights=False) as copies:
         learn.fit(1, train=False, cbs=[*copies, *as_cbs(cbs), capture])
+    if inps:
+        return capture.all_preds, capture.all_targs, capture.all_inps
     return capture.all_preds, capture.all_targs
