@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,11 +30,18 @@ from learner.callbacks.progress import ProgressCB
 from learner.checks import describe
 from learner.core import BaseLearner, CancelFitException
 from learner.data import DataLoaders
-from learner.events import Callback
+from learner.events import Callback, as_cbs
 from learner.plotting import new_figure
 from learner.snapshot import side_run
 
-__all__ = ["image_input", "label_text", "pick_loader", "show_batch", "show_images"]
+__all__ = [
+    "image_input",
+    "label_text",
+    "pick_loader",
+    "show_batch",
+    "show_image_batch",
+    "show_images",
+]
 
 _INCHES = 2.0  # the side of one image in a grid, by default
 
@@ -127,6 +134,8 @@ def _show(
     nrows: int | None = None,
     ncols: int | None = None,
     figsize: tuple[float, float] | None = None,
+    imsize: float | None = None,
+    suptitle: str | None = None,
 ) -> Figure:
     """`show_images`, with a colour for each title (None: the default)."""
     n = len(images)
@@ -141,8 +150,15 @@ def _show(
         )
     cols = _grid(n, nrows, ncols)
     rows = -(-n // cols)
-    width, height = figsize if figsize is not None else (_INCHES * cols, _INCHES * rows)
+    if imsize is not None and not (isinstance(imsize, (int, float)) and imsize > 0):
+        raise ValueError(
+            f"show_images: imsize must be a positive number of inches, got {imsize!r}."
+        )
+    side = _INCHES if imsize is None else float(imsize)
+    width, height = figsize if figsize is not None else (side * cols, side * rows)
     fig, axes = new_figure(n, width / cols, height / rows, cols)
+    if suptitle is not None:
+        fig.suptitle(suptitle)
     for i, (ax, im) in enumerate(zip(axes, _for_display(images))):
         if im.shape[0] == 1:
             ax.imshow(im[0].numpy(), cmap="gray", vmin=0.0, vmax=1.0)
@@ -162,6 +178,8 @@ def show_images(
     titles: Sequence[str] | None = None,
     figsize: tuple[float, float] | None = None,
     colors: Sequence[str | None] | None = None,
+    imsize: float | None = None,
+    suptitle: str | None = None,
 ) -> Figure:
     """A grid of images, as a matplotlib `Figure`.
 
@@ -180,6 +198,9 @@ def show_images(
             image.
         colors: the colour of each title (a matplotlib colour, or None for the default), or
             None: all in the default colour.
+        imsize: the side of one image in inches (the course's argument), when `figsize` is
+            not given. Default None: 2.
+        suptitle: a title above the grid.
 
     Returns:
         The `Figure`, one axes per image (closed in pyplot: a notebook shows it once).
@@ -189,7 +210,7 @@ def show_images(
         >>> fig = show_images(xb[:8], ncols=4, titles=[str(int(y)) for y in yb[:8]])
         >>> fig.savefig("batch.png")  # doctest: +SKIP
     """
-    return _show(_as_images(ims), titles, colors, nrows, ncols, figsize)
+    return _show(_as_images(ims), titles, colors, nrows, ncols, figsize, imsize, suptitle)
 
 
 # --- what the learner sees and says ----------------------------------------------------------
@@ -331,15 +352,16 @@ def _training_loader(learn: BaseLearner, dl: Any) -> Iterator[None]:
         learn.dls = dls
 
 
-def _training_batch(learn: BaseLearner, dl: Any) -> Any:
-    """The first batch of `dl` (default `dls.train`) as the model would see it in training."""
+def _training_batch(learn: BaseLearner, dl: Any, cbs: Iterable[Callback] = ()) -> Any:
+    """The first batch of `dl` (default `dls.train`) as the model would see it in training,
+    with the callbacks `cbs` added for the run."""
     grab = _GrabBatchCB()
     with _training_loader(learn, dl), side_run(learn, weights=False) as copies:
         if learn.opt is None:
             learn.opt = _NoSteps()  # put back (None) when the side run ends
         # A progress bar for one batch that is never trained on is noise.
         copies = [cb for cb in copies if not isinstance(cb, ProgressCB)]
-        learn.fit(1, cbs=[*copies, grab], valid=False)
+        learn.fit(1, cbs=[*copies, *cbs, grab], valid=False)
     if grab.batch is None:
         raise ValueError("show_batch: the loader yielded no batch.")
     return grab.batch
@@ -389,3 +411,27 @@ def show_batch(
         return show_images(x)
     texts = [[label_text(y[i], classes) for y in labels] for i in range(len(x))]
     return show_images(x, titles=[", ".join(t for t in item if t) for item in texts])
+
+
+def show_image_batch(
+    learn: BaseLearner,
+    max_n: int = 9,
+    cbs: Callback | Iterable[Callback] | None = None,
+    **kwargs: Any,
+) -> Figure:
+    """The images of the first training batch as the model sees it, with the callbacks `cbs`
+    added for the run (the course's `show_image_batch`, notebook 14); `kwargs` go to
+    `show_images` (`imsize=`, `ncols=`, `suptitle=`...).
+
+    As `show_batch` (which also titles the images with their labels), the run stops before the
+    model sees the batch: no step is taken, nothing is recorded, the random states are put back.
+    The course's version trains on that batch; this one leaves the model alone.
+
+    Examples:
+        >>> learn.show_image_batch(max_n=16, imsize=1.5)
+        >>> learn.show_image_batch(cbs=BatchTransformCB(augment), suptitle="augmented")
+    """
+    pick_loader(learn, None, "train", "show_image_batch")
+    batch = _training_batch(learn, None, as_cbs(cbs))
+    inputs, _ = learn.batch_format.split(batch)
+    return show_images(image_input(inputs, "show_image_batch")[:max_n], **kwargs)
