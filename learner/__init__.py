@@ -2,6 +2,7 @@
 
 from learner.batches import BatchFormat
 from learner.callbacks import (
+    AccelerateCB,
     ActivationStatsCB,
     BatchTransformCB,
     CheckpointCB,
@@ -67,6 +68,7 @@ from learner.vision import show_images
 
 __all__ = [
     "EVENTS",
+    "AccelerateCB",
     "ActivationStatsCB",
     "BaseLearner",
     "BatchFormat",

@@ -16,6 +16,7 @@ from torch import nn
 
 from learner.batches import BatchFormat
 from learner.callbacks import default_callbacks
+from learner.callbacks.accelerate import AccelerateCB
 from learner.callbacks.lr_finder import lr_find
 from learner.callbacks.resume import ResumeCB
 from learner.callbacks.schedule import fit_one_cycle
@@ -54,7 +55,7 @@ class Learner(BaseLearner):
             or a dict of named optimizers (`learner.optimizers.Optimizers`).
         metrics: handed to the default `MetricsCB`: one metric, a list, or a dict name -> metric.
         default_cbs: add `TrainEvalCB, DeviceCB, MetricsCB, RecorderCB, ProgressCB` (and
-            `DistributedCB` under torchrun).
+            `DistributedCB` under torchrun, unless `cbs` hold an `AccelerateCB`).
         batch_format: how a batch becomes the model's inputs and the loss's targets, and the
             model's output its predictions: a `learner.batches.BatchFormat`. Default None: `(x,
             y, ...)` tuples with one input, dicts with the targets under `"labels"`.
@@ -83,9 +84,12 @@ class Learner(BaseLearner):
                 "metrics= needs the default MetricsCB: pass default_cbs=True, or add "
                 "MetricsCB(...) to cbs yourself."
             )
-        defaults = default_callbacks(metrics) if default_cbs else []
+        cbs = as_cbs(cbs)
+        # Under a launcher, Accelerate distributes by itself: no DistributedCB beside it.
+        accelerated = any(isinstance(cb, AccelerateCB) for cb in cbs)
+        defaults = default_callbacks(metrics, distributed=not accelerated) if default_cbs else []
         super().__init__(model, dls, loss_func, lr, defaults, opt_func, batch_format)
-        self.add_cbs(as_cbs(cbs))  # yours replace the defaults of their class
+        self.add_cbs(cbs)  # yours replace the defaults of their class
 
     def fit(
         self,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["Optimizers", "as_optimizer"]
+__all__ = ["Optimizers", "as_optimizer", "unwrap_optimizer"]
 
 
 class Optimizers(Mapping[str, Any]):
@@ -106,4 +106,13 @@ def as_optimizer(opt: Any) -> Any:
     else as it is."""
     if isinstance(opt, Mapping) and not isinstance(opt, Optimizers):
         return Optimizers(opt)
+    return opt
+
+
+def unwrap_optimizer(opt: Any) -> Any:
+    """The optimizer inside wrappers that hold it as `.optimizer` (Accelerate's
+    `AcceleratedOptimizer`, `learn.opt` during a fit with `AccelerateCB`); `opt` itself if it
+    is not wrapped. A checkpoint names its class, which resuming compares with the learner's."""
+    while hasattr(getattr(opt, "optimizer", None), "param_groups"):
+        opt = opt.optimizer
     return opt

@@ -78,7 +78,7 @@ from learner.fsdp import (
     load_optimizer_state,
 )
 from learner.io import atomic_save
-from learner.optimizers import Optimizers, as_optimizer
+from learner.optimizers import Optimizers, as_optimizer, unwrap_optimizer
 from learner.rng import rng_state, set_rng_state
 from learner.utils import map_tensors, unwrap_model
 
@@ -349,7 +349,7 @@ def _contents(
         "model": model,
         "grads": grads,
         "opt": opt,
-        "opt_class": type(learn.opt).__name__ if learn.opt is not None else None,
+        "opt_class": type(unwrap_optimizer(learn.opt)).__name__ if learn.opt is not None else None,
         "callbacks": own["callbacks"],
         "progress": position,
         "rng": own["rng"],
@@ -695,11 +695,11 @@ def check_optimizer(
 
     Checked: that `opt` can take a state (`load_state_dict`, `param_groups`), that `state` is a
     torch optimizer state_dict, its class (`saved_class`, the checkpoint's `opt_class`, against
-    `type(opt).__name__`), the number of param groups and of parameters in each, that each of
-    the checkpoint's param groups has every hyper-parameter of `opt`'s (`betas`, `momentum`...;
-    flags such as `foreach` excepted, which torch fills in), and that, for a parameter both hold
-    state for, the two share a state key (`exp_avg`, `momentum_buffer`...). The error says how to
-    load the weights only.
+    that of `opt`, or of the optimizer it wraps: `unwrap_optimizer`), the number of param groups
+    and of parameters in each, that each of the checkpoint's param groups has every
+    hyper-parameter of `opt`'s (`betas`, `momentum`...; flags such as `foreach` excepted, which
+    torch fills in), and that, for a parameter both hold state for, the two share a state key
+    (`exp_avg`, `momentum_buffer`...). The error says how to load the weights only.
 
     Args:
         opt: the optimizer to load into.
@@ -715,7 +715,7 @@ def check_optimizer(
         "Build the learner with the saved run's optimizer (opt_func), or load the weights only: "
         "learn.load(path, with_opt=False)."
     )
-    ours = type(opt).__name__
+    ours = type(unwrap_optimizer(opt)).__name__
     if isinstance(opt, Optimizers) or saved_class == Optimizers.__name__:
         _check_optimizers(opt, state, path, saved_class, fix)
         return

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -94,6 +95,25 @@ class StubScaler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.factor = state["factor"]
+
+
+@pytest.fixture
+def accelerate_state() -> Iterator[None]:
+    """A process with no Accelerate state before the test and none after it (Accelerate keeps one
+    per process, which the first `Accelerator` sets), and the environment as it was."""
+    state = pytest.importorskip("accelerate.state", reason="needs accelerate")
+    env = dict(os.environ)
+
+    def reset() -> None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+        state.GradientState._reset_state()
+
+    reset()
+    yield
+    reset()
+    for name in set(os.environ) - set(env):
+        del os.environ[name]
+    os.environ.update(env)
 
 
 def same(a: Any, b: Any) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from learner.callbacks.accelerate import AccelerateCB
 from learner.callbacks.activation_stats import ActivationStatsCB
 from learner.callbacks.batch_transform import BatchTransformCB, tfm_batch
 from learner.callbacks.checkpoint import CheckpointCB
@@ -39,6 +40,7 @@ from learner.distributed import torchrun_env
 from learner.events import Callback
 
 __all__ = [
+    "AccelerateCB",
     "ActivationStatsCB",
     "BatchTransformCB",
     "CSVLoggerCB",
@@ -83,11 +85,12 @@ __all__ = [
 ]
 
 
-def default_callbacks(metrics: Any = None) -> list[Callback]:
+def default_callbacks(metrics: Any = None, distributed: bool = True) -> list[Callback]:
     """The callbacks `Learner(default_cbs=True)` adds, new; `metrics` as in `Learner(metrics=...)`.
 
     Under torchrun with more than one process (`learner.distributed.torchrun_env()`), also a
-    `DistributedCB`, so a script runs unchanged on one process or many."""
+    `DistributedCB`, so a script runs unchanged on one process or many; unless `distributed` is
+    False (`Learner` passes False when its `cbs=` hold an `AccelerateCB`, which distributes)."""
     if metrics is None:
         metrics_cb = MetricsCB()
     elif isinstance(metrics, dict):
@@ -97,4 +100,4 @@ def default_callbacks(metrics: Any = None) -> list[Callback]:
     else:
         metrics_cb = MetricsCB(metrics)
     cbs = [TrainEvalCB(), DeviceCB(), metrics_cb, RecorderCB(), ProgressCB()]
-    return [*cbs, DistributedCB()] if torchrun_env() else cbs
+    return [*cbs, DistributedCB()] if distributed and torchrun_env() else cbs
