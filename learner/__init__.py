@@ -61,6 +61,7 @@ from learner.interpret import Interpretation
 from learner.io import atomic_save
 from learner.learner import Learner
 from learner.optimizers import Optimizers
+from learner.plotting import get_grid, show_image, subplots
 from learner.rng import set_seed
 from learner.sharding import TensorLoaderShard
 from learner.utils import to_cpu, to_device
@@ -122,6 +123,7 @@ __all__ = [
     "default_device",
     "find_modules",
     "fit_one_cycle",
+    "get_grid",
     "get_hist",
     "get_min",
     "inplace",
@@ -132,8 +134,10 @@ __all__ = [
     "sched_no",
     "set_hyper",
     "set_seed",
+    "show_image",
     "show_images",
     "steep",
+    "subplots",
     "tfm_batch",
     "to_cpu",
     "to_device",

@@ -28,7 +28,7 @@ from learner.interpret import interpret
 from learner.results import show_results, tta
 from learner.saving import load, save
 from learner.steps import budget_epochs
-from learner.vision import show_batch
+from learner.vision import show_batch, show_image_batch
 
 __all__ = ["Learner"]
 
@@ -157,6 +157,7 @@ class Learner(BaseLearner):
     capture_preds = capture_preds
     tta = tta
     show_batch = show_batch
+    show_image_batch = show_image_batch
     show_results = show_results
     interpret = interpret
     infer = infer

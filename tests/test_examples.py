@@ -278,6 +278,31 @@ def test_course_style_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert "'accuracy'" in history and "'valid_loss'" in history
 
 
+def test_course_diffusion_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("sklearn", reason="the notebook trains on scikit-learn's digits")
+    code_cells = _run_notebook("course_diffusion.ipynb", tmp_path, monkeypatch)
+
+    def cell(text: str) -> Any:
+        return next(c for c in code_cells if text in c.source)
+
+    # The fit ended with validation: the model is in eval mode, and the sampler ran right after.
+    fit = _text(cell("fit_one_cycle"))
+    assert "model in training mode after fit: False" in fit
+    listed = re.search(r"valid_loss by epoch: \[(.*)\]", fit)
+    assert listed, fit
+    losses = [float(v) for v in listed[1].split(",")]
+    assert len(losses) == 8 and losses[-1] < 0.6 * losses[0], fit  # it learned to denoise
+    out = _text(cell("samples = sample("))
+    got = re.search(r"samples \((\d+), 1, 8, 8\) in \[(-?\d\.\d+), (-?\d\.\d+)\]", out)
+    assert got and got[1] == "16" and -1 <= float(got[2]) < float(got[3]) <= 1, out
+    stats = re.search(r"mean (-?\S+) std (\S+); the data's: (-?\S+) (\S+)", out)
+    assert stats, out
+    mean, std, data_mean, data_std = map(float, stats.groups())
+    assert abs(mean - data_mean) < 0.1 and abs(std - data_std) < 0.1, out  # digits' statistics
+    for text in ("show_images(x_train", "show_images((xt", "samples = sample(", "get_grid(10"):
+        assert _pngs(cell(text)) == 1, f"{text} cell shows no image"
+
+
 def test_char_lm() -> None:
     pytest.importorskip("torchmetrics", reason="the example's perplexity is torchmetrics'")
     out = run("char_lm.py", "--steps", 30, "--valid-every", 10).stdout
